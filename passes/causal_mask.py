@@ -1,0 +1,187 @@
+"""Prove that an SDPA mask built inside the graph is plain causal (optionally with key padding).
+
+HF transformers does not pass ``is_causal=True`` under tracing: it materializes a
+``[B, 1, N, N]`` bool mask from positions, sizes and the ``attention_mask`` input. We copy
+the subgraph that computes the mask, run it at small probe sizes, and accept it only if it
+equals ``k <= q`` (and ``attention_mask[b, k] != 0`` when it reads that input) on every
+probe. Anything else (a sliding window, a tensor input of unknown content, a constant we
+cannot probe past) is rejected and the SDPA stays dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+from torch.utils._pytree import tree_map
+
+from .matchers import example_value, sizes_equal
+
+# Probe sizes lie past every integer constant of the mask subgraph (a window size, say),
+# so a constant that changes the mask at the real length also changes it at the probes.
+_MAX_PROBE = 4096
+
+
+@dataclass(frozen=True)
+class CausalMask:
+    """A proven causal mask; ``padding`` is the ``[B, N]`` input it also reads, if any."""
+
+    padding: Node | None
+
+
+def _ancestors(node: Node) -> list[Node]:
+    seen, stack = {node}, [node]
+    while stack:
+        for parent in stack.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return [n for n in node.graph.nodes if n in seen]
+
+
+def _int_constants(nodes: list[Node]) -> set[int]:
+    found: set[int] = set()
+
+    def visit(x):
+        if isinstance(x, int) and not isinstance(x, bool):
+            found.add(abs(x))
+        return x
+
+    for n in nodes:
+        if n.op != "placeholder":
+            tree_map(visit, (n.args, n.kwargs))
+    return found
+
+
+class _Probe:
+    """The mask subgraph as a standalone function of its inputs, at any sequence length."""
+
+    def __init__(self, gm: GraphModule, mask: Node, seq_len):
+        self.gm, self.mask, self.seq_len = gm, mask, seq_len
+        self.nodes = _ancestors(mask)
+        self.static_len = seq_len if isinstance(seq_len, int) else None
+        self.inputs = [n for n in self.nodes if n.op == "placeholder"]
+        self.constants = _int_constants(self.nodes) - {self.static_len}
+
+    def _module_at(self, n: int) -> GraphModule:
+        """Copy the subgraph; in a static graph, the literal sequence length becomes ``n``."""
+        graph, env = Graph(), {}
+        for node in self.nodes:
+            env[node] = graph.node_copy(node, lambda a: env[a])
+            if self.static_len is not None and node.op != "placeholder":
+                resize = lambda x: n if type(x) is int and x == self.static_len else x  # noqa: E731
+                env[node].args, env[node].kwargs = tree_map(resize, (env[node].args, env[node].kwargs))
+        graph.output(env[self.mask])
+        return GraphModule(self.gm, graph)
+
+    def run(self, n: int, padding_BN: torch.Tensor | None, padding_node: Node | None, symbols: dict):
+        args = []
+        for ph in self.inputs:
+            value = example_value(ph)
+            if ph is padding_node:
+                args.append(padding_BN)
+            elif isinstance(value, torch.SymInt):
+                args.append(int(value.node.expr.xreplace(symbols)))
+            else:
+                args.append(value)
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily(), torch.no_grad():
+            return self._module_at(n)(*args)
+
+
+def _probe_lengths(constants: set[int]) -> list[int]:
+    base = max([c for c in constants if c <= _MAX_PROBE] + [8])
+    return [base + 5, base + 22]
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor | None:
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point():
+        blocked = mask != 0
+        if bool((mask[blocked] <= torch.finfo(mask.dtype).min / 2).all()):
+            return ~blocked
+    return None
+
+
+def _padding_patterns(batch: int, n: int, dtype, device) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(n)
+    ones = torch.ones(batch, n, dtype=torch.int64)
+    left, right = ones.clone(), ones.clone()
+    left[:, : n // 3] = 0
+    right[:, -(n // 4):] = 0
+    rand = (torch.rand(batch, n, generator=gen) > 0.3).long()
+    return [p.to(dtype=dtype, device=device) for p in (ones, left, right, rand)]
+
+
+def prove_causal(gm: GraphModule, mask: Node, seq_len) -> CausalMask | str:
+    """Return :class:`CausalMask` if ``mask`` is provably causal, else the reason it is not."""
+    probe = _Probe(gm, mask, seq_len)
+    padding = None
+    for ph in probe.inputs:
+        value = example_value(ph)
+        if isinstance(value, (torch.SymInt, int)):
+            continue
+        is_padding = (
+            isinstance(value, torch.Tensor) and value.dim() == 2 and padding is None
+            and sizes_equal(value.shape[1], seq_len) and not value.is_floating_point()
+        )
+        if not is_padding:
+            return f"mask reads tensor input {ph.target!r}"
+        padding = ph
+    if any(c > _MAX_PROBE for c in probe.constants):
+        return f"mask subgraph holds a constant past the probe limit ({max(probe.constants)})"
+    symbols = {}
+    if not isinstance(seq_len, int):
+        if not seq_len.node.expr.is_Symbol:
+            return "sequence length is not a plain symbol"
+        symbols_in = set().union(*(_free_symbols(example_value(p)) for p in probe.inputs))
+        if symbols_in - {seq_len.node.expr}:
+            return "mask depends on sizes other than the sequence length"
+    for n in _probe_lengths(probe.constants):
+        if not isinstance(seq_len, int):
+            symbols = {seq_len.node.expr: n}
+        reason = _check_at(probe, n, padding, symbols)
+        if reason:
+            return reason
+    return CausalMask(padding=padding)
+
+
+def _free_symbols(value) -> set:
+    if isinstance(value, torch.SymInt):
+        return set(value.node.expr.free_symbols)
+    if isinstance(value, torch.Tensor):
+        return set().union(*(_free_symbols(s) for s in value.shape)) if value.dim() else set()
+    return set()
+
+
+def _check_at(probe: _Probe, n: int, padding: Node | None, symbols: dict) -> str | None:
+    causal_NN = torch.ones(n, n, dtype=torch.bool).tril()
+    if padding is None:
+        cases = [None]
+    else:
+        value = example_value(padding)
+        batch = value.shape[0] if isinstance(value.shape[0], int) else 2
+        cases = _padding_patterns(batch, n, value.dtype, value.device)
+    for padding_BN in cases:
+        try:
+            mask = probe.run(n, padding_BN, padding, symbols)
+        except Exception as exc:  # the subgraph does not run at other sizes: not provable
+            return f"mask subgraph failed at probe length {n}: {type(exc).__name__}"
+        allowed = _allowed(mask.cpu()) if isinstance(mask, torch.Tensor) else None
+        if allowed is None or allowed.dim() != 4 or tuple(allowed.shape[-2:]) != (n, n):
+            return "mask is not a boolean or additive [B, H, N, N] mask"
+        expected = causal_NN[None, None]
+        if padding_BN is not None:
+            expected = expected & (padding_BN.cpu() != 0)[:, None, None, :]
+        # Rows with no visible key (padded queries) give zeros in SDPA and FlexAttention alike.
+        live_rows = expected.any(-1, keepdim=True)
+        try:
+            same = torch.broadcast_tensors(allowed, expected)
+        except RuntimeError:
+            return "mask shape does not broadcast against [B, 1, N, N]"
+        if not bool(((same[0] == same[1]) | ~live_rows).all()):
+            return "mask is not plain causal" + (" with key padding" if padding_BN is not None else "")
+    return None

@@ -1,0 +1,81 @@
+"""The one configuration object of sa_compile."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+
+
+class PatternKind(enum.Enum):
+    """How a head's block scores are estimated before the budgeted selection.
+
+    ``VERTICAL_SLASH``: column mass (sinks, heavy tokens) plus diagonal mass (local and
+    periodic structure), measured from the last ``last_q`` queries against every key.
+    ``BLOCK_SPARSE``: block-pooled queries against block-pooled keys, which also sees
+    structure that is neither a column nor a diagonal (a retrieved span, say).
+    ``AUTO``: both; each block keeps the stronger of the two row-normalized scores, so a
+    head is served by whichever template sees its structure.
+    """
+
+    VERTICAL_SLASH = "vertical_slash"
+    BLOCK_SPARSE = "block_sparse"
+    AUTO = "auto"
+
+
+_SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """What the sparse attention path computes, and when it is used.
+
+    Args:
+        density: target fraction of the causal attention blocks computed per head (the
+            FLOP budget). ``1.0`` reproduces dense attention. The sink and diagonal
+            blocks are always computed, so very small budgets are raised to that floor.
+        block_size: side of the square attention blocks the selection works on; also the
+            FlexAttention sparse block size.
+        min_seq_len: prompts shorter than this stay on dense SDPA.
+        last_q: how many of the last queries estimate the vertical-slash pattern.
+        pattern: which template scores the blocks (see :class:`PatternKind`).
+
+    Example::
+
+        cfg = SparseConfig(density=0.05, min_seq_len=16384)
+        model = torch.compile(model, backend=sa_compile.make_backend(cfg))
+    """
+
+    density: float = 0.1
+    block_size: int = 128
+    min_seq_len: int = 16384
+    last_q: int = 64
+    pattern: PatternKind = PatternKind.AUTO
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.density, (int, float)) and 0.0 < self.density <= 1.0,
+               "density", self.density, "a number in (0, 1]")
+        _check(self.block_size in _SUPPORTED_BLOCK_SIZES,
+               "block_size", self.block_size, f"one of {_SUPPORTED_BLOCK_SIZES}")
+        _check(_is_int(self.min_seq_len) and self.min_seq_len >= 0,
+               "min_seq_len", self.min_seq_len, "an integer >= 0")
+        _check(_is_int(self.last_q) and 1 <= self.last_q <= 4096,
+               "last_q", self.last_q, "an integer in [1, 4096]")
+        _check(isinstance(self.pattern, PatternKind),
+               "pattern", self.pattern, f"a PatternKind ({[k.name for k in PatternKind]})")
+
+    def describe(self) -> dict:
+        """A JSON-ready view, for benchmark records and logs."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _plain(value):
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _check(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"SparseConfig.{name}={value!r} is invalid: expected {allowed}")

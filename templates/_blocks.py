@@ -1,0 +1,52 @@
+"""Block-grid helpers shared by the templates."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def num_blocks(seq_len, block_size: int):
+    """Blocks needed to cover ``seq_len`` tokens (works on SymInts)."""
+    return (seq_len + block_size - 1) // block_size
+
+
+def pad_to_blocks(x: torch.Tensor, block_size: int, dim: int = -1) -> torch.Tensor:
+    """Zero-pad ``dim`` up to a multiple of ``block_size``."""
+    length = x.shape[dim]
+    extra = num_blocks(length, block_size) * block_size - length
+    dim = dim % x.dim()
+    pad = [0, 0] * (x.dim() - dim - 1) + [0, extra]
+    return F.pad(x, pad)
+
+
+def block_offsets_QK(num_blocks_, device) -> torch.Tensor:
+    """``qb - kb`` for every (query block, key block) pair; negative above the diagonal."""
+    idx = torch.arange(num_blocks_, device=device)
+    return idx[:, None] - idx[None, :]
+
+
+def normalize_causal_rows(scores_BHQK: torch.Tensor) -> torch.Tensor:
+    """Zero the blocks above the diagonal and scale each row to sum to one."""
+    causal_QK = block_offsets_QK(scores_BHQK.shape[-1], scores_BHQK.device) >= 0
+    scores_BHQK = torch.where(causal_QK, scores_BHQK.clamp(min=0), 0.0)
+    return scores_BHQK / scores_BHQK.sum(-1, keepdim=True).clamp(min=1e-30)
+
+
+def draw(scores_QK: torch.Tensor, keep_QK: torch.Tensor | None = None) -> str:
+    """Render one head's block scores (and optionally its kept blocks) as text."""
+    shades = " .:-=+*#%@"
+    peak = scores_QK.max().clamp(min=1e-30)
+    lines = []
+    for qb in range(scores_QK.shape[0]):
+        row = []
+        for kb in range(scores_QK.shape[1]):
+            if kb > qb:
+                row.append(" ")
+            elif keep_QK is not None and keep_QK[qb, kb]:
+                row.append("X")
+            else:
+                level = float(scores_QK[qb, kb] / peak)
+                row.append(shades[min(int(level * (len(shades) - 1) + 0.5), len(shades) - 1)])
+        lines.append("".join(row))
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""Vertical-slash template: column mass and diagonal mass seen by the last queries.
+
+Attention in long-context LLMs concentrates on a few key columns (attention sinks, heavy
+tokens) and a few diagonals (the local window, periodic structure). Both show up in the
+attention of the last ``last_q`` queries, which is cheap to compute exactly: vertical mass
+is the column sum, slash mass the sum along each diagonal ``q - k = d``. Spread over the
+block grid, they score every causal block.
+
+Run ``python -m sa_compile.templates.vertical_slash`` to draw the pattern on a planted input.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._blocks import block_offsets_QK, normalize_causal_rows, num_blocks, pad_to_blocks
+
+
+def last_q_attention(q_BHND: torch.Tensor, k_BGND: torch.Tensor, last_q: int, scale: float,
+                     kv_valid_BN: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact causal softmax attention of the last ``last_q`` queries, in float32.
+
+    ``k`` may have fewer heads than ``q`` (grouped-query attention); query head ``h``
+    reads key head ``h // (H_q // H_kv)``. Keys where ``kv_valid_BN`` is zero are masked.
+    Returns ``attn_BHLN``; a query that sees no valid key gets an all-zero row.
+    """
+    B, H, N, D = q_BHND.shape
+    G = k_BGND.shape[1]
+    q_BHLD = q_BHND[:, :, -last_q:, :]
+    L = q_BHLD.shape[2]
+    q_BGXD = q_BHLD.reshape(B, G, (H // G) * L, D)
+    logits_BHLN = torch.matmul(q_BGXD, k_BGND.transpose(-1, -2)).view(B, H, L, N).float() * scale
+    q_pos_L = torch.arange(L, device=q_BHND.device) + (N - L)
+    visible_LN = torch.arange(N, device=q_BHND.device)[None, :] <= q_pos_L[:, None]
+    visible = visible_LN if kv_valid_BN is None else visible_LN & (kv_valid_BN != 0)[:, None, None, :]
+    attn_BHLN = torch.softmax(logits_BHLN.masked_fill(~visible, float("-inf")), dim=-1)
+    return attn_BHLN if kv_valid_BN is None else attn_BHLN.nan_to_num(0.0)
+
+
+def vertical_slash_scores(attn_BHLN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column mass ``vertical_BHN[k]`` and diagonal mass ``slash_BHN[d]`` (d = q - k)."""
+    L, N = attn_BHLN.shape[-2:]
+    vertical_BHN = attn_BHLN.sum(-2)
+    # Skew trick: after flipping the key axis, row i's diagonal d sits at column d + L-1-i;
+    # padding each row by L and re-viewing with a row stride one shorter shifts row i right
+    # by i, which lines every diagonal up in one column.
+    flipped_BHLN = attn_BHLN.flip(-1)
+    padded = F.pad(flipped_BHLN, (0, L)).flatten(-2)[..., : L * (N + L - 1)]
+    skewed_BHLM = padded.view(*attn_BHLN.shape[:-2], L, N + L - 1)
+    slash_BHN = skewed_BHLM.sum(-2)[..., L - 1 : L - 1 + N]
+    return vertical_BHN, slash_BHN
+
+
+def vertical_slash_block_scores(attn_BHLN: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Score every causal block as its column mass plus the diagonal mass crossing it."""
+    vertical_BHN, slash_BHN = vertical_slash_scores(attn_BHLN)
+    nb = num_blocks(attn_BHLN.shape[-1], block_size)
+    vertical_BHK = pad_to_blocks(vertical_BHN, block_size).unflatten(-1, (nb, block_size)).sum(-1)
+    # A diagonal at offset d crosses the block pair at block offset D when |d - D*bs| < bs,
+    # covering a fraction (bs - |d - D*bs|) / bs of that block's rows: a triangular filter.
+    pieces_BHDR = pad_to_blocks(slash_BHN, block_size).unflatten(-1, (nb, block_size))
+    ramp_R = torch.arange(block_size, device=attn_BHLN.device, dtype=attn_BHLN.dtype) / block_size
+    falling_BHD = (pieces_BHDR * (1.0 - ramp_R)).sum(-1)
+    rising_BHD = (pieces_BHDR * ramp_R).sum(-1)
+    slash_BHD = falling_BHD + F.pad(rising_BHD, (1, 0))[..., :nb]
+    offsets_QK = block_offsets_QK(nb, attn_BHLN.device)
+    scores_BHQK = vertical_BHK[..., None, :] + slash_BHD[..., offsets_QK.clamp(min=0)]
+    return normalize_causal_rows(scores_BHQK)
+
+
+def _demo() -> None:
+    from ._blocks import draw
+
+    torch.manual_seed(0)
+    N, D, bs = 512, 32, 32
+    q = torch.randn(1, 1, N, D) * 0.3
+    k = torch.randn(1, 1, N, D) * 0.3
+    k[..., 0, :] = q[..., -8:, :].mean(-2) * 6  # an attention sink
+    k[..., 300, :] = q[..., -8:, :].mean(-2) * 6  # a heavy column
+    attn = last_q_attention(q, k, last_q=64, scale=D**-0.5)
+    scores = vertical_slash_block_scores(attn, bs)[0, 0]
+    print(f"vertical-slash block scores, N={N}, block={bs} (sink at 0, heavy column at 300):")
+    print(draw(scores))
+
+
+if __name__ == "__main__":
+    _demo()
