@@ -58,3 +58,17 @@ def diagonal_only(batch: int, heads: int, num_blocks_, device) -> tuple[torch.Te
     indices_QK = torch.where(idx[None, :] == 0, idx[:, None], 0)
     counts = torch.ones(batch, heads, num_blocks_, device=device, dtype=torch.int32)
     return counts, indices_QK.expand(batch, heads, num_blocks_, num_blocks_).contiguous()
+
+
+def realized_density(seq_len: int, config) -> float:
+    """Fraction of the causal block grid the sparse path computes at ``seq_len`` tokens.
+
+    Exact, not an estimate: every row keeps ``min(K, qb + 1)`` blocks whatever the input.
+    Returns 1.0 below ``config.min_seq_len``, where attention stays dense.
+    """
+    if seq_len < config.min_seq_len:
+        return 1.0
+    nb = -(-seq_len // config.block_size)
+    k = int(blocks_per_row(nb, config.density, "cpu"))
+    kept = sum(min(k, row + 1) for row in range(nb))
+    return kept / causal_block_count(nb)
