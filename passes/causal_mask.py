@@ -171,8 +171,9 @@ def _check_at(probe: _Probe, n: int, padding: Node | None, symbols: dict) -> str
         except Exception as exc:  # the subgraph does not run at other sizes: not provable
             return f"mask subgraph failed at probe length {n}: {type(exc).__name__}"
         allowed = _allowed(mask.cpu()) if isinstance(mask, torch.Tensor) else None
-        if allowed is None or allowed.dim() != 4 or tuple(allowed.shape[-2:]) != (n, n):
-            return "mask is not a boolean or additive [B, H, N, N] mask"
+        if allowed is None or not 2 <= allowed.dim() <= 4 or tuple(allowed.shape[-2:]) != (n, n):
+            return "mask is not a boolean or additive [..., N, N] mask"
+        allowed = allowed.reshape((1,) * (4 - allowed.dim()) + tuple(allowed.shape))
         expected = causal_NN[None, None]
         if padding_BN is not None:
             expected = expected & (padding_BN.cpu() != 0)[:, None, None, :]

@@ -2,11 +2,29 @@
 
     model = torch.compile(model, backend=sa_compile.backend)
     model = torch.compile(model, backend=sa_compile.make_backend(sa_compile.SparseConfig(density=0.05)))
+
+Names load on first use, so importing the package does no work.
 """
 
-from .backend import backend, make_backend
-from .config import PatternKind, SparseConfig
-from .sparse_op import sparse_attention
+import importlib
 
-__all__ = ["PatternKind", "SparseConfig", "backend", "make_backend", "sparse_attention"]
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "backend": "sa_compile.compile_backend",
+    "make_backend": "sa_compile.compile_backend",
+    "PatternKind": "sa_compile.config",
+    "SparseConfig": "sa_compile.config",
+    "sparse_attention": "sa_compile.sparse_op",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'sa_compile' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
-from sa_compile.templates import last_q_attention, pooled_block_scores, vertical_slash_block_scores
+from sa_compile.templates.block_sparse import pooled_block_scores
+from sa_compile.templates.vertical_slash import last_q_attention, vertical_slash_block_scores
 from sa_compile.templates._blocks import num_blocks, pad_to_blocks
 
 from .config import PatternKind, SparseConfig

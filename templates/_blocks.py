@@ -34,11 +34,11 @@ def normalize_causal_rows(scores_BHQK: torch.Tensor) -> torch.Tensor:
 
 
 def draw(scores_QK: torch.Tensor, keep_QK: torch.Tensor | None = None) -> str:
-    """Render one head's block scores (and optionally its kept blocks) as text."""
+    """Render one head's block scores (and optionally its kept blocks) as text, row-scaled."""
     shades = " .:-=+*#%@"
-    peak = scores_QK.max().clamp(min=1e-30)
     lines = []
     for qb in range(scores_QK.shape[0]):
+        peak = scores_QK[qb].max().clamp(min=1e-30)
         row = []
         for kb in range(scores_QK.shape[1]):
             if kb > qb:

@@ -76,8 +76,10 @@ def _demo() -> None:
     N, D, bs = 512, 32, 32
     q = torch.randn(1, 1, N, D) * 0.3
     k = torch.randn(1, 1, N, D) * 0.3
-    k[..., 0, :] = q[..., -8:, :].mean(-2) * 6  # an attention sink
-    k[..., 300, :] = q[..., -8:, :].mean(-2) * 6  # a heavy column
+    shared = torch.randn(D)
+    q += shared  # every query shares a direction ...
+    k[..., 0, :] = shared * 0.6  # ... that an attention sink
+    k[..., 300, :] = shared * 0.5  # ... and a heavy column answer
     attn = last_q_attention(q, k, last_q=64, scale=D**-0.5)
     scores = vertical_slash_block_scores(attn, bs)[0, 0]
     print(f"vertical-slash block scores, N={N}, block={bs} (sink at 0, heavy column at 300):")

@@ -1,0 +1,230 @@
+"""Helpers shared by the benchmark scripts: environment record, timer, tables, JSON, plots.
+
+Nothing here runs at import time; matplotlib is imported only when a plot is drawn.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """What a reader needs to reproduce a number: hardware, versions, the command line."""
+    on_cuda = device.type == "cuda"
+    return {
+        "device": torch.cuda.get_device_name(device) if on_cuda else (platform.processor() or platform.machine()),
+        "device_type": device.type,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if on_cuda else None,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "sa_compile": _version("sa_compile"),
+        "python": platform.python_version(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+        # Other work on the host skews CPU timings; record how busy it was.
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def fresh_compile_caches() -> str:
+    """Point Inductor's and Triton's on-disk caches at a new empty folder for this process.
+
+    Compile times are then cold-start times, not whatever an earlier run left on disk.
+    Set before the first compile; the caches read the variables when they are first used.
+    """
+    folder = tempfile.mkdtemp(prefix="sa_compile_bench_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(folder, "triton")
+    return folder
+
+
+def parse_lengths(text: str) -> list[int]:
+    """``"4k,8k,1000"`` -> ``[4096, 8192, 1000]`` (k means 1024)."""
+    lengths = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        value = int(item[:-1]) * 1024 if item.endswith("k") else int(item)
+        if value <= 0:
+            raise ValueError(f"sequence length must be positive, got {item!r}")
+        lengths.append(value)
+    return lengths
+
+
+def parse_floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def length_label(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    """Median and all samples of a timed callable, in seconds; peak memory in bytes (CUDA only)."""
+
+    median_s: float
+    samples_s: list[float]
+    peak_bytes: int | None
+
+
+def _time_once_cuda(fn: Callable[[], object], device: torch.device) -> tuple[float, int]:
+    torch.cuda.reset_peak_memory_stats(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3, torch.cuda.max_memory_allocated(device)
+
+
+def _time_once_cpu(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int,
+            on_step: Callable[[str], None] | None = None) -> Timing:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; return the median.
+
+    On CUDA each run sits between two device events (the device's own time, host launch
+    gaps included) and gets its own peak-memory reading; on CPU ``perf_counter`` times it.
+    Example::
+
+        t = time_fn(lambda: model(x), torch.device("cuda"), repeats=5, warmup=1)
+        print(t.median_s)
+    """
+    for i in range(warmup):
+        if on_step:
+            on_step(f"warm-up {i + 1}/{warmup}")
+        fn()
+    synchronize(device)
+    samples, peaks = [], []
+    for i in range(repeats):
+        if on_step:
+            on_step(f"run {i + 1}/{repeats}")
+        if device.type == "cuda":
+            seconds, peak = _time_once_cuda(fn, device)
+            peaks.append(peak)
+        else:
+            seconds = _time_once_cpu(fn)
+        samples.append(seconds)
+    return Timing(statistics.median(samples), samples, max(peaks) if peaks else None)
+
+
+def wall_time(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """Host wall time of one call (synchronized), for first calls that include compilation."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop compiled code and cached blocks, so the next system starts from the same state."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class Progress:
+    """One line per step on stderr, with the seconds since the script started."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.start:8.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def scoped(self, prefix: str) -> Callable[[str], None]:
+        return lambda message: self(f"{prefix}: {message}")
+
+
+def fmt(value, digits: int = 3) -> str:
+    """Table cell: floats to ``digits`` significant figures, None as a dash."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A GitHub-flavoured markdown table; numbers right-aligned."""
+    cells = [[fmt(v) for v in row] for row in rows]
+    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) for i in range(len(headers))]
+    align = ["---:" if n else "---" for n in numeric]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def plot_panels(path: Path, panels: Sequence[dict], title: str) -> None:
+    """Draw side-by-side line plots into a PNG.
+
+    Each panel is ``{"title", "xlabel", "ylabel", "series": {label: (xs, ys)}, "logx",
+    "logy", "hline"}``; points whose y is None (OOM, not run) are left out.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for label, (xs, ys) in panel["series"].items():
+            points = [(x, y) for x, y in zip(xs, ys) if y is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=label)
+        if panel.get("hline") is not None:
+            ax.axhline(panel["hline"], color="grey", linestyle="--", linewidth=1)
+        if panel.get("logx"):
+            ax.set_xscale("log", base=2)
+        if panel.get("logy"):
+            ax.set_yscale("log")
+        ax.set(title=panel["title"], xlabel=panel["xlabel"], ylabel=panel["ylabel"])
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,389 @@
+"""Time to first token of a Llama prefill: eager SDPA vs Inductor vs sa_compile.
+
+TTFT here is one prefill of N tokens that fills a fresh KV cache and returns the logits
+of the last position (the first generated token's distribution). Every system runs in this
+one process on the same seeded token ids; compile time (first call minus a steady call) is
+reported apart from the steady-state median.
+
+    python benchmarks/compile_ttft.py                                   # tiny model, CPU ok
+    python benchmarks/compile_ttft.py --model llama-3.1-8b --lengths 16k,32k,64k,128k
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch._dynamo.utils import counters
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
+
+import sa_compile  # noqa: E402
+from sa_compile.selection import realized_density  # noqa: E402
+
+BASE_SYSTEMS = ("eager", "inductor", "sa_compile")
+TINY_LENGTHS = "256,512,1024"
+LLAMA_LENGTHS = "16k,32k,64k,128k"
+GRADIENT_FROM, GRADIENT_TO = 64 * 1024, 128 * 1024
+
+
+def tiny_config(max_len: int):
+    """A few-layer GQA Llama that compiles in seconds: 4 q heads, 2 kv heads, head dim 32."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        max_position_embeddings=max(max_len, 4096), attn_implementation="sdpa",
+    )
+
+
+def llama31_8b_config():
+    """The Llama-3.1-8B architecture (no weights: they are drawn at random)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+        },
+        attn_implementation="sdpa",
+    )
+
+
+def _check_rotary(model) -> None:
+    """The RoPE inverse frequencies must match a fresh float32 computation from the config."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rotary = model.model.rotary_emb
+    if rotary.rope_type == "default":
+        expected, _ = rotary.compute_default_rope_parameters(model.config)
+    else:
+        expected, _ = ROPE_INIT_FUNCTIONS[rotary.rope_type](model.config, device="cpu")
+    got = rotary.inv_freq.detach().float().cpu()
+    if rotary.inv_freq.dtype != torch.float32 or not torch.allclose(got, expected.float(), rtol=1e-6, atol=0):
+        raise RuntimeError(f"rotary inv_freq is wrong ({rotary.inv_freq.dtype}); the model would not be Llama")
+
+
+def build_model(name: str, device: torch.device, max_len: int):
+    """Random-weight model built straight on ``device`` (no hub access, no CPU round trip).
+
+    Building under ``torch.device(device)`` with the default dtype set makes every weight
+    land on the GPU in its final dtype, and transformers' own init draws the normal(0, 0.02)
+    weights there; the RoPE buffers are computed in float32 on the way (checked after).
+    """
+    from transformers import LlamaForCausalLM
+
+    config, dtype = (tiny_config(max_len), torch.float32) if name == "tiny" else (llama31_8b_config(), torch.bfloat16)
+    previous = torch.get_default_dtype()
+    torch.manual_seed(0)
+    try:
+        torch.set_default_dtype(dtype)
+        with device:
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval().requires_grad_(False)
+    if model.config._attn_implementation != "sdpa":
+        raise RuntimeError(f"expected attn_implementation 'sdpa', got {model.config._attn_implementation!r}")
+    _check_rotary(model)
+    return model, dtype
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    sparse: sa_compile.SparseConfig | None = None  # None: eager or plain Inductor
+
+    def compile(self, model):
+        if self.name == "eager":
+            return model
+        if self.sparse is None:
+            return torch.compile(model)
+        return torch.compile(model, backend=sa_compile.make_backend(self.sparse))
+
+
+def make_systems(args, base: sa_compile.SparseConfig) -> list[System]:
+    """The systems to run, in order; ``sa_compile@d`` is the base config at density d."""
+    wanted = args.systems or list(BASE_SYSTEMS) + [f"sa_compile@{d:g}" for d in args.densities]
+    systems = []
+    for name in wanted:
+        if name in ("eager", "inductor"):
+            systems.append(System(name))
+        elif name == "sa_compile":
+            systems.append(System(name, base))
+        elif name.startswith("sa_compile@"):
+            density = float(name.split("@", 1)[1])
+            systems.append(System(f"sa_compile@{density:g}", _with_density(base, density)))
+        else:
+            raise SystemExit(f"unknown system {name!r}: use eager, inductor, sa_compile or sa_compile@<density>")
+    return systems
+
+
+def _with_density(config: sa_compile.SparseConfig, density: float) -> sa_compile.SparseConfig:
+    from dataclasses import replace
+
+    return replace(config, density=density)
+
+
+def prefill(model, ids_BN: torch.Tensor) -> torch.Tensor:
+    """One TTFT: fill a fresh KV cache with the prompt, return the last position's logits."""
+    from transformers import DynamicCache
+
+    out = model(input_ids=ids_BN, past_key_values=DynamicCache(config=model.config), use_cache=True,
+                logits_to_keep=1)
+    return out.logits
+
+
+def _is_oom(exc: BaseException) -> bool:
+    # Inductor can wrap an OOM hit while compiling or autotuning in its own exception.
+    while exc is not None:
+        if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _counts() -> dict:
+    return {"graphs": counters["stats"]["unique_graphs"], **counters["sa_compile"]}
+
+
+def _delta(before: dict, after: dict) -> dict:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+
+
+def measure(system: System, compiled, ids_BN, args, device, say) -> dict:
+    """One (system, length) row: first call, warm-up, timed repeats."""
+    before = _counts()
+    say("first call (compiles if needed)")
+    with torch.inference_mode():
+        first_s, logits = common.wall_time(lambda: prefill(compiled, ids_BN), device)
+        timing = common.time_fn(lambda: prefill(compiled, ids_BN), device, repeats=args.repeats,
+                                warmup=args.warmup, on_step=say)
+    change = _delta(before, _counts())
+    graphs = change.pop("graphs", 0)
+    return {
+        "ttft_s": timing.median_s, "samples_s": timing.samples_s, "first_call_s": first_s,
+        "compile_s": first_s - timing.median_s if graphs else None, "new_graphs": graphs,
+        "sa_compile_counters": change or None,
+        "peak_gib": timing.peak_bytes / 2**30 if timing.peak_bytes is not None else None,
+        "logits": logits.float().cpu(),
+    }
+
+
+def run_system(system: System, model, ids_by_len: dict, args, device, progress) -> list[dict]:
+    """All lengths of one system on one compiled model; frees it all afterwards."""
+    compiled = system.compile(model)
+    serving = None  # rewrite counts of the compile whose graph serves the current length
+    rows = []
+    for n, ids_BN in ids_by_len.items():
+        say = progress.scoped(f"{system.name:>16} N={common.length_label(n)}")
+        row = {"system": system.name, "seq_len": n}
+        try:
+            row.update(measure(system, compiled, ids_BN, args, device, say))
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            say(f"OOM: {type(exc).__name__}")
+            row.update(ttft_s="OOM", error=(str(exc).splitlines() or [""])[0][:300])
+        if row["ttft_s"] == "OOM":
+            # Outside the except block: the exception's frames no longer pin the tensors.
+            _release_cuda(device)
+        if row.get("new_graphs") and system.sparse is not None:
+            found = row["sa_compile_counters"] or {}
+            serving = {"rewritten": found.get("rewritten", 0), "skipped": found.get("skipped", 0)}
+        row["sdpa_rewritten"] = _rewrite_label(serving) if system.sparse is not None else None
+        row["density"] = _density(system, n, serving)
+        rows.append(row)
+    del compiled
+    common.free_memory(device)
+    return rows
+
+
+def _release_cuda(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _rewrite_label(serving: dict | None) -> str | None:
+    if serving is None:
+        return None
+    return f"{serving['rewritten']}/{serving['rewritten'] + serving['skipped']}"
+
+
+def _density(system: System, n: int, serving: dict | None) -> float:
+    """Fraction of the causal attention computed: 1.0 unless the serving graph runs sparse."""
+    if system.sparse is None or not serving or serving["rewritten"] == 0:
+        return 1.0
+    # Layers whose SDPA was left dense compute all of their attention.
+    rewritten, skipped = serving["rewritten"], serving["skipped"]
+    return (rewritten * realized_density(n, system.sparse) + skipped) / (rewritten + skipped)
+
+
+def add_comparisons(rows: list[dict]) -> None:
+    """Speedup over eager and max |logits - eager logits| at the same length; drop the logits."""
+    eager = {r["seq_len"]: r for r in rows if r["system"] == "eager" and r["ttft_s"] != "OOM"}
+    for row in rows:
+        ref = eager.get(row["seq_len"])
+        ok = ref is not None and row["ttft_s"] != "OOM"
+        row["speedup_vs_eager"] = ref["ttft_s"] / row["ttft_s"] if ok else None
+        row["max_abs_logit_diff_vs_eager"] = (row["logits"] - ref["logits"]).abs().max().item() if ok else None
+    for row in rows:
+        row.pop("logits", None)
+
+
+def compile_summary(rows: list[dict]) -> dict:
+    """Per system: compile time at the first length it compiled, and graphs compiled in all."""
+    summary = {}
+    for row in rows:
+        entry = summary.setdefault(row["system"], {"first_compile_len": None, "compile_s": None, "graphs": 0})
+        graphs = row.get("new_graphs") or 0
+        if graphs and entry["first_compile_len"] is None:
+            entry.update(first_compile_len=row["seq_len"], compile_s=row["compile_s"])
+        entry["graphs"] += graphs
+    for entry in summary.values():
+        entry["recompiles"] = max(entry["graphs"] - 1, 0)
+    return summary
+
+
+def growth_gradients(rows: list[dict]) -> dict:
+    """TTFT growth from 64K to 128K tokens, in seconds per 1K tokens, and its ratio to eager's."""
+    ttft = {(r["system"], r["seq_len"]): r["ttft_s"] for r in rows if r["ttft_s"] != "OOM"}
+    gradients = {}
+    for system in dict.fromkeys(r["system"] for r in rows):
+        lo, hi = ttft.get((system, GRADIENT_FROM)), ttft.get((system, GRADIENT_TO))
+        if lo is not None and hi is not None:
+            gradients[system] = {"s_per_1k_tokens": (hi - lo) / ((GRADIENT_TO - GRADIENT_FROM) / 1024)}
+    eager = gradients.get("eager", {}).get("s_per_1k_tokens")
+    for entry in gradients.values():
+        entry["ratio_to_eager"] = entry["s_per_1k_tokens"] / eager if eager else None
+    return gradients
+
+
+def table(rows: list[dict], summary: dict) -> str:
+    headers = ["system", "N", "TTFT (s)", "speedup vs eager", "compile (s)", "graphs", "SDPA rewritten",
+               "attn density", "peak GiB", "max |Δlogit|"]
+    body = []
+    for r in rows:
+        first = summary[r["system"]]["first_compile_len"] == r["seq_len"]
+        compile_cell = r.get("compile_s") if first else (f"re: {r['compile_s']:.3g}" if r.get("compile_s") else None)
+        body.append([r["system"], common.length_label(r["seq_len"]), r["ttft_s"], r["speedup_vs_eager"],
+                     compile_cell, r.get("new_graphs"), r["sdpa_rewritten"], r["density"], r.get("peak_gib"),
+                     r["max_abs_logit_diff_vs_eager"]])
+    return common.markdown_table(headers, body)
+
+
+def plot(path: Path, rows: list[dict], title: str) -> None:
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    lengths = sorted({r["seq_len"] for r in rows})
+
+    def series(key):
+        out = {}
+        for s in systems:
+            by_len = {r["seq_len"]: r[key] for r in rows if r["system"] == s}
+            out[s] = (lengths, [v if isinstance(v, float) else None for v in (by_len.get(n) for n in lengths)])
+        return out
+
+    common.plot_panels(path, [
+        {"title": "TTFT", "xlabel": "prompt tokens", "ylabel": "seconds", "series": series("ttft_s"),
+         "logx": True, "logy": True},
+        {"title": "speedup over eager SDPA", "xlabel": "prompt tokens", "ylabel": "eager TTFT / TTFT",
+         "series": series("speedup_vs_eager"), "logx": True, "hline": 1.0},
+    ], title)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("tiny", "llama-3.1-8b"), default="tiny")
+    p.add_argument("--lengths", help=f"comma list, 4k style allowed (tiny: {TINY_LENGTHS}; 8B: {LLAMA_LENGTHS})")
+    p.add_argument("--systems", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                   help="subset of: eager, inductor, sa_compile, sa_compile@<density> (default: all)")
+    p.add_argument("--densities", type=common.parse_floats, default=[0.05],
+                   help="extra sa_compile densities, each run as sa_compile@<d> (default 0.05)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--block-size", type=int, help="sa_compile block size (tiny: 32, 8B: SparseConfig default)")
+    p.add_argument("--min-seq-len", type=int, help="sa_compile min_seq_len (tiny: 0, 8B: SparseConfig default)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warm-caches", action="store_true",
+                   help="reuse on-disk Inductor/Triton caches (default: a fresh cache dir, cold compile times)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    if args.repeats < 3:
+        p.error("--repeats must be at least 3 (the median of fewer says little)")
+    if args.model != "tiny" and not args.device.startswith("cuda"):
+        p.error("llama-3.1-8b needs a CUDA device")
+    args.lengths = common.parse_lengths(args.lengths or (TINY_LENGTHS if args.model == "tiny" else LLAMA_LENGTHS))
+    return args
+
+
+def sparse_base_config(args) -> sa_compile.SparseConfig:
+    """Default SparseConfig; the tiny model's short prompts need small blocks and no length floor."""
+    tiny = args.model == "tiny"
+    block = args.block_size if args.block_size is not None else (32 if tiny else sa_compile.SparseConfig.block_size)
+    floor = args.min_seq_len if args.min_seq_len is not None else (0 if tiny else sa_compile.SparseConfig.min_seq_len)
+    return sa_compile.SparseConfig(block_size=block, min_seq_len=floor)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if not args.warm_caches:
+        common.fresh_compile_caches()
+    progress = common.Progress()
+    systems = make_systems(args, sparse_base_config(args))
+    progress(f"building {args.model} on {device}")
+    start = time.perf_counter()
+    model, dtype = build_model(args.model, device, max(args.lengths))
+    build_s = time.perf_counter() - start
+    progress(f"built in {build_s:.1f}s ({sum(p.numel() for p in model.parameters()) / 1e9:.3g}B params, {dtype})")
+    # Seeded per length, so a prompt does not depend on which other lengths were asked for.
+    ids_by_len = {n: torch.randint(0, model.config.vocab_size, (1, n),
+                                   generator=torch.Generator().manual_seed(args.seed + n)).to(device)
+                  for n in args.lengths}
+    rows = []
+    for system in systems:
+        rows += run_system(system, model, ids_by_len, args, device, progress)
+    add_comparisons(rows)
+    summary, gradients = compile_summary(rows), growth_gradients(rows)
+    name = f"ttft_{args.model}" + (f"_{args.tag}" if args.tag else "")
+    record = {
+        "benchmark": "compile_ttft", "model": args.model, "dtype": str(dtype), "build_s": build_s,
+        "model_config": {k: getattr(model.config, k) for k in (
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "intermediate_size", "vocab_size", "rope_parameters", "max_position_embeddings")},
+        "environment": common.environment(device), "grad_mode": "torch.inference_mode",
+        "timing": {"repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
+                   "clock": "cuda events" if device.type == "cuda" else "perf_counter"},
+        "sparse_configs": {s.name: s.sparse.describe() for s in systems if s.sparse is not None},
+        "compile": summary, "ttft_growth_64k_to_128k": gradients, "rows": rows,
+    }
+    common.write_json(args.out / f"{name}.json", record)
+    plot(args.out / f"{name}.png", rows, f"{args.model} prefill TTFT on {record['environment']['device']}")
+    print(table(rows, summary))
+    print()
+    print(common.markdown_table(["system", "first compile at", "compile (s)", "graphs", "recompiles"], [
+        [s, common.length_label(e["first_compile_len"]) if e["first_compile_len"] else None, e["compile_s"],
+         e["graphs"], e["recompiles"]] for s, e in summary.items()]))
+    if gradients:
+        print()
+        print(common.markdown_table(["system", "TTFT growth 64K→128K (s per 1K tokens)", "ratio to eager"], [
+            [s, g["s_per_1k_tokens"], g["ratio_to_eager"]] for s, g in gradients.items()]))
+    progress(f"wrote {args.out / name}.json and .png")
+
+
+if __name__ == "__main__":
+    main()

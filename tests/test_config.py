@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+import sa_compile
+from sa_compile import PatternKind, SparseConfig
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("density", 0.0), ("density", 1.5), ("density", "0.1"), ("block_size", 100), ("block_size", 8),
+        ("min_seq_len", -1), ("min_seq_len", 1.5), ("last_q", 0), ("last_q", 10_000), ("pattern", "auto"),
+    ],
+)
+def test_bad_values_raise_value_error_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"SparseConfig.{field}="):
+        SparseConfig(**{field: value})
+
+
+def test_defaults_and_description():
+    cfg = SparseConfig()
+    assert cfg.describe() == {
+        "density": 0.1, "block_size": 128, "min_seq_len": 16384, "last_q": 64, "pattern": "auto",
+    }
+    assert SparseConfig(pattern=PatternKind.VERTICAL_SLASH).describe()["pattern"] == "vertical_slash"
+
+
+def test_config_is_frozen():
+    with pytest.raises(AttributeError):
+        SparseConfig().density = 0.5
+
+
+def test_make_backend_rejects_other_configs():
+    with pytest.raises(ValueError, match="SparseConfig"):
+        sa_compile.make_backend({"density": 0.1})
+
+
+def test_backend_is_registered_with_dynamo_by_name():
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert lookup_backend("sa_compile") is sa_compile.backend
+    assert "sa_compile" in torch._dynamo.list_backends()
+
+
+def test_sparse_attention_refuses_to_run_eagerly():
+    q = torch.randn(1, 2, 32, 16)
+    with pytest.raises(RuntimeError, match="must run under torch.compile"):
+        sa_compile.sparse_attention(q, q, q, SparseConfig(block_size=16, min_seq_len=0))

@@ -1,0 +1,86 @@
+"""Budgeted block selection: causal, sink and diagonal kept, within budget, no empty rows."""
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sa_compile import SparseConfig
+from sa_compile.selection import (
+    blocks_per_row, causal_block_count, compact, diagonal_only, realized_density, select_blocks,
+)
+
+
+def _row_costs(k: int, nb: int) -> int:
+    return sum(min(k, row + 1) for row in range(nb))
+
+
+@given(nb=st.integers(1, 300), density=st.floats(0.001, 1.0))
+def test_blocks_per_row_is_the_largest_count_within_budget(nb, density):
+    k = int(blocks_per_row(nb, density, "cpu"))
+    budget = density * causal_block_count(nb)
+    floor = min(2, nb)
+    assert floor <= k <= nb
+    if k > floor:
+        assert _row_costs(k, nb) <= budget + 1e-6
+    if k < nb:
+        assert _row_costs(k + 1, nb) > budget - 1e-6
+
+
+def test_full_density_keeps_every_causal_block():
+    for nb in (1, 2, 7, 64):
+        assert int(blocks_per_row(nb, 1.0, "cpu")) == nb
+    scores = torch.rand(1, 2, 9, 9)
+    keep = select_blocks(scores, 1.0)
+    assert torch.equal(keep, torch.ones(9, 9, dtype=torch.bool).tril().expand_as(keep))
+
+
+@given(seed=st.integers(0, 2**16), nb=st.integers(1, 40), density=st.floats(0.01, 1.0))
+def test_selection_is_causal_keeps_sink_and_diagonal_and_meets_budget(seed, nb, density):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(2, 3, nb, nb, generator=gen)
+    keep = select_blocks(scores, density)
+    rows = torch.arange(nb)
+    assert not keep[..., rows[:, None] < rows[None, :]].any(), "a block above the diagonal was kept"
+    assert keep[..., rows, rows].all(), "a diagonal block was dropped"
+    assert keep[..., :, 0].all(), "the sink block was dropped"
+    k = int(blocks_per_row(nb, density, "cpu"))
+    expected_per_row = torch.minimum(torch.tensor(k), rows + 1)
+    assert torch.equal(keep.sum(-1), expected_per_row.expand(2, 3, nb))
+    kept = int(keep[0, 0].sum())
+    assert kept <= max(density * causal_block_count(nb), _row_costs(min(2, nb), nb)) + 1e-6
+    assert abs(kept / causal_block_count(nb) - realized_density(nb * 16, SparseConfig(
+        density=density, block_size=16, min_seq_len=0))) < 1e-12
+
+
+@given(seed=st.integers(0, 2**16), nb=st.integers(2, 40))
+def test_selection_keeps_the_highest_scoring_blocks(seed, nb):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(1, 1, nb, nb, generator=gen)
+    keep = select_blocks(scores, 0.3)[0, 0]
+    for row in range(2, nb):
+        free = keep[row, 1:row]  # blocks neither sink nor diagonal
+        if free.any() and not free.all():
+            chosen = scores[0, 0, row, 1:row][free].min()
+            dropped = scores[0, 0, row, 1:row][~free].max()
+            assert chosen >= dropped
+
+
+def test_compact_lists_kept_blocks_first_in_ascending_order():
+    mask = torch.tensor([[[[0, 1, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0]]]], dtype=torch.bool)
+    counts, indices = compact(mask)
+    assert counts.tolist() == [[[2, 4, 0]]]
+    assert indices[0, 0, 0, :2].tolist() == [1, 3]
+    assert indices[0, 0, 1].tolist() == [0, 1, 2, 3]
+    assert indices.dtype == torch.int32 and counts.dtype == torch.int32
+
+
+def test_diagonal_only():
+    counts, indices = diagonal_only(1, 2, 5, "cpu")
+    assert counts.tolist() == [[[1] * 5] * 2]
+    assert indices[0, 1, :, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_realized_density_is_dense_below_min_seq_len():
+    cfg = SparseConfig(density=0.1, min_seq_len=4096)
+    assert realized_density(4095, cfg) == 1.0
+    assert realized_density(65536, cfg) < 0.11

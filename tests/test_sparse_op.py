@@ -1,0 +1,93 @@
+"""The compiled sparse op against dense references: full budget, same-mask, needles."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sa_compile import PatternKind, SparseConfig, sparse_attention
+from sa_compile.sparse_op import select_kept_blocks
+
+from .helpers import assert_close, attention_inputs, dense_reference, masked_reference, token_mask
+
+_compiled = {}
+
+
+def compiled_op(dynamic: bool):
+    """One compiled op per dynamism, reused across tests and hypothesis examples."""
+    if dynamic not in _compiled:
+        _compiled[dynamic] = torch.compile(sparse_attention, fullgraph=True, dynamic=dynamic)
+    return _compiled[dynamic]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Override the reset of conftest: the compiled ops here are shared on purpose."""
+    torch._dynamo.config.recompile_limit = 64
+    yield
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_full_density_reproduces_dense_attention(dtype):
+    q, k, v = attention_inputs(0, 2, 4, 2, 77, 32, dtype)
+    cfg = SparseConfig(density=1.0, block_size=16, min_seq_len=0)
+    out = compiled_op(False)(q, k, v, cfg)
+    assert out.dtype == dtype
+    assert_close(out, dense_reference(q, k, v), dtype)
+    torch.testing.assert_close(
+        out, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        **{torch.float32: dict(atol=1e-5, rtol=1e-5)}.get(dtype, dict(atol=2e-2, rtol=2e-2)),
+    )
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    seq_len=st.integers(17, 160),
+    density=st.sampled_from([0.15, 0.4, 0.7]),
+    pattern=st.sampled_from(list(PatternKind)),
+)
+def test_sparse_output_equals_dense_attention_under_the_same_block_mask(seed, seq_len, density, pattern):
+    q, k, v = attention_inputs(seed, 1, 4, 2, seq_len, 16, torch.float32)
+    cfg = SparseConfig(density=density, block_size=16, min_seq_len=0, last_q=8, pattern=pattern)
+    out, keep = compiled_op(True)(q, k, v, cfg, return_keep=True)
+    assert torch.equal(keep, select_kept_blocks(q, k, cfg, 16**-0.5)), "compiled and eager searches disagree"
+    reference = masked_reference(q, k, v, token_mask(keep, 16, seq_len))
+    assert_close(out, reference)
+    if not torch.equal(keep, torch.ones_like(keep).tril()):
+        assert (out.double() - dense_reference(q, k, v)).abs().max() > 1e-4, "sparsity had no effect"
+
+
+@pytest.mark.parametrize("padding", ["left", "right", "holes"])
+def test_key_padding_is_masked_exactly(padding):
+    seq_len = 90
+    q, k, v = attention_inputs(1, 2, 4, 2, seq_len, 16, torch.float32)
+    valid = torch.ones(2, seq_len, dtype=torch.int64)
+    if padding == "left":
+        valid[0, :21] = 0
+    elif padding == "right":
+        valid[1, -40:] = 0
+    else:
+        valid[:, 5:60:3] = 0
+    for density in (1.0, 0.4):
+        cfg = SparseConfig(density=density, block_size=16, min_seq_len=0, last_q=8)
+        out, keep = compiled_op(False)(q, k, v, cfg, kv_valid_BN=valid, return_keep=True)
+        assert_close(out, masked_reference(q, k, v, token_mask(keep, 16, seq_len, valid)))
+        if density == 1.0:
+            assert_close(out, dense_reference(q, k, v, kv_valid_BN=valid))
+
+
+@given(seed=st.integers(0, 2**16), depth=st.floats(0.05, 0.8))
+def test_a_planted_needle_is_always_selected(seed, depth):
+    """Keys that the last queries match strongly are kept for the queries that follow."""
+    seq_len, block = 512, 32
+    q, k, _ = attention_inputs(seed, 1, 2, 1, seq_len, 32, torch.float32)
+    q, k = q * 0.2, k * 0.2
+    pos = int(depth * seq_len)
+    k[:, :, pos : pos + 4] = q[:, :, -16:].mean((1, 2), keepdim=True) * 30
+    for pattern in (PatternKind.AUTO, PatternKind.VERTICAL_SLASH):
+        # 16 blocks at density 0.4 leave one free block per row besides sink and diagonal.
+        cfg = SparseConfig(density=0.4, block_size=block, min_seq_len=0, last_q=16, pattern=pattern)
+        keep = select_kept_blocks(q, k, cfg, 32**-0.5)
+        assert int(keep[0, 0, -1].sum()) == 3
+        needle_block = pos // block
+        assert keep[0, :, needle_block + 1 :, needle_block].all(), f"needle at {pos} dropped ({pattern})"

@@ -1,0 +1,85 @@
+"""Templates against naive loops, and the planted-structure cases each one is for."""
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sa_compile.templates.block_sparse import pooled_block_scores
+from sa_compile.templates.vertical_slash import last_q_attention, vertical_slash_block_scores, vertical_slash_scores
+
+
+def _naive_last_q(q, k, last_q, scale):
+    B, H, N, D = q.shape
+    group = H // k.shape[1]
+    out = torch.zeros(B, H, min(last_q, N), N, dtype=torch.float64)
+    for i, pos in enumerate(range(N - out.shape[2], N)):
+        logits = q[:, :, pos].double()[..., None, :] @ k.double().repeat_interleave(group, 1).transpose(-1, -2)
+        out[:, :, i, : pos + 1] = torch.softmax(logits[..., 0, : pos + 1] * scale, -1)
+    return out
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 70), last_q=st.integers(1, 20))
+def test_last_q_attention_is_exact_causal_attention_of_the_last_queries(seed, n, last_q):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(1, 4, n, 8, generator=gen), torch.randn(1, 2, n, 8, generator=gen)
+    got = last_q_attention(q, k, last_q, 0.3)
+    torch.testing.assert_close(got.double(), _naive_last_q(q, k, last_q, 0.3), atol=1e-6, rtol=1e-5)
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 50), last_q=st.integers(1, 12))
+def test_vertical_and_slash_are_column_and_diagonal_sums(seed, n, last_q):
+    gen = torch.Generator().manual_seed(seed)
+    last_q = min(last_q, n)
+    attn = torch.rand(1, 1, last_q, n, generator=gen, dtype=torch.float64)
+    vertical, slash = vertical_slash_scores(attn)
+    torch.testing.assert_close(vertical, attn.sum(-2))
+    expected = torch.zeros(n, dtype=torch.float64)
+    for i in range(last_q):
+        pos = n - last_q + i
+        for key in range(pos + 1):
+            expected[pos - key] += attn[0, 0, i, key]
+    torch.testing.assert_close(slash[0, 0], expected)
+
+
+def _planted(n=256, d=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 1, n, d, generator=gen) * 0.2
+    k = torch.randn(1, 1, n, d, generator=gen) * 0.2
+    return q, k
+
+
+def test_vertical_slash_scores_rows_are_causal_distributions():
+    q, k = _planted()
+    scores = vertical_slash_block_scores(last_q_attention(q, k, 32, 32**-0.5), 32)
+    assert scores.shape == (1, 1, 8, 8)
+    assert torch.allclose(scores.sum(-1), torch.ones(1, 1, 8))
+    assert (scores.triu(1) == 0).all() and (scores >= 0).all()
+
+
+def test_vertical_slash_finds_a_heavy_column_and_a_local_band():
+    q, k = _planted()
+    k[..., 100, :] = q[..., -32:, :].mean(-2) * 40  # every last query attends to key 100
+    scores = vertical_slash_block_scores(last_q_attention(q, k, 32, 32**-0.5), 32)[0, 0]
+    for row in range(4, 8):
+        assert scores[row, :row].argmax() == 100 // 32
+
+
+def test_pooled_scores_find_a_retrieved_span():
+    q, k = _planted()
+    topic = torch.randn(32) * 2
+    q[..., 192:, :] += topic
+    k[..., 64:96, :] += topic
+    scores = pooled_block_scores(q, k, 32, 32**-0.5)[0, 0]
+    assert torch.allclose(scores.sum(-1), torch.ones(8))
+    for row in range(6, 8):
+        assert scores[row, :row].argmax() == 2
+
+
+def test_pooled_scores_handle_a_partial_last_block_and_gqa():
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 4, 70, 16, generator=gen), torch.randn(2, 2, 70, 16, generator=gen)
+    scores = pooled_block_scores(q, k, 32, 0.25)
+    q_last = q[:, :, 64:].double().mean(-2)
+    k_means = torch.stack([k[:, :, s:s + 32].double().mean(-2) for s in (0, 32, 64)], -2).repeat_interleave(2, 1)
+    expected = torch.softmax((q_last[..., None, :] * k_means).sum(-1) * 0.25, -1)
+    torch.testing.assert_close(scores[:, :, 2].double(), expected, atol=1e-5, rtol=1e-5)
