@@ -14,6 +14,12 @@ TOLERANCES = {
 }
 
 
+# CUDA runs the compiled tests too when a GPU is present; Triton's FlexAttention kernels
+# want sparse blocks of at least 128 there, so lengths scale with the block.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BLOCK = {"cpu": 16, "cuda": 128}
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None) -> None:
     tol = TOLERANCES[dtype or actual.dtype]
     torch.testing.assert_close(actual.double(), expected.double(), **tol)
@@ -22,7 +28,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None) -> No
 def token_mask(keep_BHQK: torch.Tensor, block_size: int, seq_len: int, kv_valid_BN=None) -> torch.Tensor:
     """The token-level mask a block selection stands for: kept blocks, causal, valid keys."""
     mask = keep_BHQK.repeat_interleave(block_size, -1).repeat_interleave(block_size, -2)
-    mask = mask[..., :seq_len, :seq_len] & torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=keep_BHQK.device).tril()
+    mask = mask[..., :seq_len, :seq_len] & causal
     if kv_valid_BN is not None:
         mask = mask & (kv_valid_BN != 0)[:, None, None, :]
     return mask
@@ -42,7 +49,7 @@ def masked_reference(q, k, v, mask, scale=None) -> torch.Tensor:
 def dense_reference(q, k, v, scale=None, kv_valid_BN=None) -> torch.Tensor:
     """Causal dense attention in float64 (optionally with key padding)."""
     N = q.shape[-2]
-    mask = torch.ones(N, N, dtype=torch.bool).tril()[None, None]
+    mask = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()[None, None]
     if kv_valid_BN is not None:
         mask = mask & (kv_valid_BN != 0)[:, None, None, :]
     return masked_reference(q, k, v, mask, scale)
@@ -65,9 +72,10 @@ def tiny_llama(head_dim: int = 16, layers: int = 2, dtype=torch.float32, seed: i
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def attention_inputs(seed: int, batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, dtype):
+def attention_inputs(seed: int, batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, dtype,
+                     device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, seq_len, head_dim, generator=gen)
     k = torch.randn(batch, kv_heads, seq_len, head_dim, generator=gen)
     v = torch.randn(batch, kv_heads, seq_len, head_dim, generator=gen)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))

@@ -8,7 +8,7 @@ from transformers import DynamicCache
 import sa_compile
 from sa_compile import SparseConfig
 
-from .helpers import sqnr_db, tiny_llama
+from .helpers import DEVICES, sqnr_db, tiny_llama
 
 FULL = SparseConfig(density=1.0, min_seq_len=0, block_size=16)
 # The default config, but sparse from the first token and with blocks a tiny prompt can hold.
@@ -24,14 +24,16 @@ def _ids(batch, length, seed=0):
     return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_attention_mask", [True, False])
-def test_full_density_matches_eager_and_every_attention_is_rewritten(with_attention_mask):
-    model = tiny_llama()
-    ids = _ids(1, 77)
+def test_full_density_matches_eager_and_every_attention_is_rewritten(with_attention_mask, device):
+    model = tiny_llama().to(device)
+    ids = _ids(1, 77 if device == "cpu" else 613).to(device)
     kwargs = {"attention_mask": torch.ones_like(ids)} if with_attention_mask else {}
+    config = FULL if device == "cpu" else SparseConfig(density=1.0, min_seq_len=0, block_size=128)
     with torch.no_grad():
         expected = model(ids, **kwargs).logits
-        actual = _compile(model, FULL)(ids, **kwargs).logits
+        actual = _compile(model, config)(ids, **kwargs).logits
     assert counters["sa_compile"]["rewritten"] == 2 and counters["sa_compile"]["skipped"] == 0
     assert counters["stats"]["unique_graphs"] == 1, "the model did not compile to one graph"
     torch.testing.assert_close(actual, expected, **LOGIT_TOL)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from sa_compile import PatternKind, SparseConfig, sparse_attention
 from sa_compile.sparse_op import select_kept_blocks
 
-from .helpers import assert_close, attention_inputs, dense_reference, masked_reference, token_mask
+from .helpers import BLOCK, DEVICES, assert_close, attention_inputs, dense_reference, masked_reference, token_mask
 
 _compiled = {}
 
@@ -27,10 +27,12 @@ def fresh_dynamo():
     yield
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_full_density_reproduces_dense_attention(dtype):
-    q, k, v = attention_inputs(0, 2, 4, 2, 77, 32, dtype)
-    cfg = SparseConfig(density=1.0, block_size=16, min_seq_len=0)
+def test_full_density_reproduces_dense_attention(dtype, device):
+    block = BLOCK[device]
+    q, k, v = attention_inputs(0, 2, 4, 2, block * 4 + 13, 32, dtype, device)
+    cfg = SparseConfig(density=1.0, block_size=block, min_seq_len=0)
     out = compiled_op(False)(q, k, v, cfg)
     assert out.dtype == dtype
     assert_close(out, dense_reference(q, k, v), dtype)
@@ -40,38 +42,44 @@ def test_full_density_reproduces_dense_attention(dtype):
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @given(
     seed=st.integers(0, 2**16),
-    seq_len=st.integers(17, 160),
+    blocks=st.floats(1.1, 10.0),
     density=st.sampled_from([0.15, 0.4, 0.7]),
     pattern=st.sampled_from(list(PatternKind)),
 )
-def test_sparse_output_equals_dense_attention_under_the_same_block_mask(seed, seq_len, density, pattern):
-    q, k, v = attention_inputs(seed, 1, 4, 2, seq_len, 16, torch.float32)
-    cfg = SparseConfig(density=density, block_size=16, min_seq_len=0, last_q=8, pattern=pattern)
+def test_sparse_output_equals_dense_attention_under_the_same_block_mask(device, seed, blocks, density, pattern):
+    block = BLOCK[device]
+    seq_len = int(blocks * block)
+    q, k, v = attention_inputs(seed, 1, 4, 2, seq_len, 16, torch.float32, device)
+    cfg = SparseConfig(density=density, block_size=block, min_seq_len=0, last_q=8, pattern=pattern)
     out, keep = compiled_op(True)(q, k, v, cfg, return_keep=True)
     assert torch.equal(keep, select_kept_blocks(q, k, cfg, 16**-0.5)), "compiled and eager searches disagree"
-    reference = masked_reference(q, k, v, token_mask(keep, 16, seq_len))
+    reference = masked_reference(q, k, v, token_mask(keep, block, seq_len))
     assert_close(out, reference)
     if not torch.equal(keep, torch.ones_like(keep).tril()):
         assert (out.double() - dense_reference(q, k, v)).abs().max() > 1e-4, "sparsity had no effect"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("padding", ["left", "right", "holes"])
-def test_key_padding_is_masked_exactly(padding):
-    seq_len = 90
-    q, k, v = attention_inputs(1, 2, 4, 2, seq_len, 16, torch.float32)
+def test_key_padding_is_masked_exactly(padding, device):
+    block = BLOCK[device]
+    seq_len = block * 5 + 10
+    q, k, v = attention_inputs(1, 2, 4, 2, seq_len, 16, torch.float32, device)
     valid = torch.ones(2, seq_len, dtype=torch.int64)
     if padding == "left":
         valid[0, :21] = 0
     elif padding == "right":
         valid[1, -40:] = 0
     else:
-        valid[:, 5:60:3] = 0
+        valid[:, 5 : seq_len * 2 // 3 : 3] = 0
+    valid = valid.to(device)
     for density in (1.0, 0.4):
-        cfg = SparseConfig(density=density, block_size=16, min_seq_len=0, last_q=8)
-        out, keep = compiled_op(False)(q, k, v, cfg, kv_valid_BN=valid, return_keep=True)
-        assert_close(out, masked_reference(q, k, v, token_mask(keep, 16, seq_len, valid)))
+        cfg = SparseConfig(density=density, block_size=block, min_seq_len=0, last_q=8)
+        out, keep = compiled_op(device == "cuda")(q, k, v, cfg, kv_valid_BN=valid, return_keep=True)
+        assert_close(out, masked_reference(q, k, v, token_mask(keep, block, seq_len, valid)))
         if density == 1.0:
             assert_close(out, dense_reference(q, k, v, kv_valid_BN=valid))
 
