@@ -103,7 +103,7 @@ def _rewrite(gm: GraphModule, node: Node, plan: _Plan, config: SparseConfig) -> 
     old_inputs = node.all_input_nodes
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(
-            rewritten_sdpa, (plan.query, plan.key, plan.value, plan.padding, plan.scale), {"config": config}
+            rewritten_sdpa, (plan.query, plan.key, plan.value, plan.padding, plan.scale), config.describe()
         )
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)

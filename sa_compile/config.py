@@ -64,8 +64,13 @@ class SparseConfig:
                "pattern", self.pattern, f"a PatternKind ({[k.name for k in PatternKind]})")
 
     def describe(self) -> dict:
-        """A JSON-ready view, for benchmark records and logs."""
+        """A JSON-ready view, for benchmark records, logs and graph arguments."""
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_fields(cls, described: dict) -> SparseConfig:
+        """Inverse of :meth:`describe`."""
+        return cls(**{**described, "pattern": PatternKind(described["pattern"])})
 
 
 def _is_int(value) -> bool:

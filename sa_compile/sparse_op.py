@@ -96,12 +96,14 @@ def dense_causal_attention(q_BHND, k_BGND, v_BGND, scale=None, kv_valid_BN=None)
                                           enable_gqa=True)
 
 
-def rewritten_sdpa(q_BHND, k_BGND, v_BGND, kv_valid_BN, scale, *, config: SparseConfig):
+def rewritten_sdpa(q_BHND, k_BGND, v_BGND, kv_valid_BN, scale, **config_fields):
     """What the graph pass puts in place of a causal self-attention SDPA node.
 
-    Prompts shorter than ``config.min_seq_len`` take dense SDPA. With dynamic shapes that
-    test becomes a guard on the sequence length, so each side compiles once.
+    ``config_fields`` are ``SparseConfig.describe()``: plain literals, so the rewritten
+    graph prints as valid code and caches by value. Prompts shorter than ``min_seq_len``
+    take dense SDPA; with dynamic shapes that test becomes a guard on the sequence length.
     """
+    config = SparseConfig.from_fields(config_fields)
     N, D = q_BHND.shape[-2:]
     if N < config.min_seq_len:
         return dense_causal_attention(q_BHND, k_BGND, v_BGND, scale, kv_valid_BN)

@@ -23,6 +23,8 @@ def test_defaults_and_description():
         "density": 0.1, "block_size": 128, "min_seq_len": 16384, "last_q": 64, "pattern": "auto",
     }
     assert SparseConfig(pattern=PatternKind.VERTICAL_SLASH).describe()["pattern"] == "vertical_slash"
+    odd = SparseConfig(density=0.3, block_size=32, min_seq_len=7, last_q=9, pattern=PatternKind.BLOCK_SPARSE)
+    assert SparseConfig.from_fields(odd.describe()) == odd
 
 
 def test_config_is_frozen():

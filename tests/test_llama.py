@@ -39,6 +39,36 @@ def test_full_density_matches_eager_and_every_attention_is_rewritten(with_attent
     torch.testing.assert_close(actual, expected, **LOGIT_TOL)
 
 
+@pytest.mark.parametrize("with_attention_mask", [True, False])
+def test_the_rewrite_reads_unrepeated_keys_and_values(with_attention_mask):
+    """GQA stays native: the sparse op gets the 2 KV heads, not HF's 4 repeated copies.
+
+    With an attention_mask HF repeats k/v (expand + reshape) before SDPA; without one it
+    passes enable_gqa=True. Both must reach the op with 2 heads.
+    """
+    from torch._inductor.compile_fx import compile_fx
+
+    from sa_compile.passes import run_passes
+    from sa_compile.sparse_op import rewritten_sdpa
+
+    seen = []
+
+    def inspect(gm, example_inputs):
+        gm = run_passes(gm, example_inputs, config=FULL)
+        for node in gm.graph.nodes:
+            if node.target is rewritten_sdpa:
+                q, k, v = (a.meta["example_value"] for a in node.args[:3])
+                seen.append((q.shape[1], k.shape[1], v.shape[1]))
+        assert not any(n.op == "call_method" and n.target == "expand" for n in gm.graph.nodes)
+        return compile_fx(gm, example_inputs, config_patches={"epilogue_fusion": False})
+
+    ids = _ids(1, 50)
+    kwargs = {"attention_mask": torch.ones_like(ids)} if with_attention_mask else {}
+    with torch.no_grad():
+        torch.compile(tiny_llama(), backend=inspect, fullgraph=True)(ids, **kwargs)
+    assert seen == [(4, 2, 2), (4, 2, 2)]
+
+
 def test_default_density_is_finite_and_close():
     model = tiny_llama()
     ids = _ids(1, 301)

@@ -83,3 +83,21 @@ def test_pooled_scores_handle_a_partial_last_block_and_gqa():
     k_means = torch.stack([k[:, :, s:s + 32].double().mean(-2) for s in (0, 32, 64)], -2).repeat_interleave(2, 1)
     expected = torch.softmax((q_last[..., None, :] * k_means).sum(-1) * 0.25, -1)
     torch.testing.assert_close(scores[:, :, 2].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 70), block=st.sampled_from([4, 8, 16]))
+def test_block_scores_spread_columns_and_diagonals_over_the_blocks_they_cross(seed, n, block):
+    gen = torch.Generator().manual_seed(seed)
+    last_q = min(5, n)
+    attn = torch.rand(1, 1, last_q, n, generator=gen, dtype=torch.float64)
+    vertical, slash = vertical_slash_scores(attn)
+    nb = -(-n // block)
+    expected = torch.zeros(nb, nb, dtype=torch.float64)
+    for qb in range(nb):
+        for kb in range(qb + 1):
+            column_mass = vertical[0, 0, kb * block : (kb + 1) * block].sum()
+            # share of the block's rows that a diagonal at offset d crosses
+            crossing = sum(slash[0, 0, d] * max(0, block - abs(d - (qb - kb) * block)) / block for d in range(n))
+            expected[qb, kb] = column_mass + crossing
+    expected = expected / expected.sum(-1, keepdim=True)
+    torch.testing.assert_close(vertical_slash_block_scores(attn, block)[0, 0], expected)
