@@ -62,7 +62,8 @@ def build_block_mask(keep_BHQK, block_size: int, seq_len, kv_valid_BN=None):
         partial = compact(keep_BHQK & ~full_BHQK)
         mask_mod, buffers = causal_valid_mask_mod, (kv_valid_BN,)
     block_mask = BlockMask.from_kv_blocks(
-        *partial, *compact(full_BHQK), BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(seq_len, seq_len)
+        *partial, *compact(full_BHQK), BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(seq_len, seq_len),
+        compute_q_blocks=False,  # the backward-only transpose; it also trips Inductor under dynamic shapes
     )
     return block_mask, buffers
 
