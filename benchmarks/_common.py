@@ -28,11 +28,21 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict:
     """What a reader needs to reproduce a number: hardware, versions, the command line."""
     on_cuda = device.type == "cuda"
     return {
-        "device": torch.cuda.get_device_name(device) if on_cuda else (platform.processor() or platform.machine()),
+        "device": torch.cuda.get_device_name(device) if on_cuda else _cpu_name(),
         "device_type": device.type,
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -151,12 +161,27 @@ def wall_time(fn: Callable[[], object], device: torch.device) -> tuple[float, ob
     return time.perf_counter() - start, result
 
 
-def free_memory(device: torch.device) -> None:
-    """Drop compiled code and cached blocks, so the next system starts from the same state."""
-    torch._dynamo.reset()
+def is_oom(exc: BaseException) -> bool:
+    """An out-of-memory error, also where Inductor wrapped one hit while compiling or autotuning."""
+    while exc is not None:
+        if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Collect garbage and hand the allocator's cached blocks back (after an OOM, say)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop compiled code and cached blocks, so the next system starts from the same state."""
+    torch._dynamo.reset()
+    release_cached_memory(device)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -200,29 +225,35 @@ def write_json(path: Path, record: dict) -> None:
 def plot_panels(path: Path, panels: Sequence[dict], title: str) -> None:
     """Draw side-by-side line plots into a PNG.
 
-    Each panel is ``{"title", "xlabel", "ylabel", "series": {label: (xs, ys)}, "logx",
-    "logy", "hline"}``; points whose y is None (OOM, not run) are left out.
+    Each panel is ``{"title", "xlabel", "ylabel", "series": {label: (xs, ys[, style])},
+    "logx", "logy", "hline", "xticks": {x: label}}``; ``style`` is passed to ``plot`` (a
+    ``linestyle``, say); points whose y is None (OOM, not run) are left out.
     """
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        for label, (xs, ys) in panel["series"].items():
+    for i, (ax, panel) in enumerate(zip(axes[0], panels)):
+        for label, (xs, ys, *style) in panel["series"].items():
             points = [(x, y) for x, y in zip(xs, ys) if y is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", label=label)
+                ax.plot(*zip(*points), marker="o", label=label, **(style[0] if style else {}))
         if panel.get("hline") is not None:
             ax.axhline(panel["hline"], color="grey", linestyle="--", linewidth=1)
         if panel.get("logx"):
             ax.set_xscale("log", base=2)
         if panel.get("logy"):
             ax.set_yscale("log")
+        if panel.get("xticks"):
+            ax.set_xticks(list(panel["xticks"]), list(panel["xticks"].values()))
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set(title=panel["title"], xlabel=panel["xlabel"], ylabel=panel["ylabel"])
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        if i == 0:  # the panels share their series; one legend, where rising curves leave room
+            ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

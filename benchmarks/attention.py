@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
@@ -34,20 +35,24 @@ CPU_SHAPE = {"heads": 4, "kv_heads": 2, "head_dim": 32, "dtype": "float32", "len
 
 
 def make_inputs(n: int, shape: dict, device, seed: int):
-    """Random q/k/v with a little of the structure real attention has: a sink and locality.
+    """Random q/k/v with the structure real attention has: locality and a sink.
 
-    A shared sinusoidal position code makes nearby queries and keys align (a diagonal band),
-    and key 0 points along the mean query (an attention sink).
+    A shared sinusoidal position code (periods of 1 to 1000 tokens) lifts the logits of
+    nearby query-key pairs, so each row's mass sits in a band near the diagonal; every
+    query also leans toward one direction that key 0 points along (an attention sink). The
+    code's amplitude grows as the head dim shrinks, so the band's logit lift is the same.
     """
     gen = torch.Generator(device=device).manual_seed(seed + n)
     H, G, D = shape["heads"], shape["kv_heads"], shape["head_dim"]
-    dtype = getattr(torch, shape["dtype"])
-    freqs_D = torch.logspace(-4, -1, D, device=device)
-    pos_ND = torch.cos(torch.arange(n, device=device, dtype=torch.float32)[:, None] * freqs_D)
-    q_BHND = torch.randn(1, H, n, D, device=device, generator=gen) + pos_ND
+    freqs_D = torch.logspace(-3, 0, D, device=device)
+    pos_ND = 1.5 * (128 / D) ** 0.25 * torch.cos(torch.arange(n, device=device, dtype=torch.float32)[:, None] * freqs_D)
+    sink_D = torch.randn(D, device=device, generator=gen)
+    sink_D = sink_D * D**0.5 / sink_D.norm()
+    q_BHND = torch.randn(1, H, n, D, device=device, generator=gen) + pos_ND + 0.5 * sink_D
     k_BGND = torch.randn(1, G, n, D, device=device, generator=gen) + pos_ND
-    k_BGND[:, :, 0] = q_BHND.unflatten(1, (G, H // G)).mean((2, 3)) * 4
+    k_BGND[:, :, 0] = sink_D
     v_BGND = torch.randn(1, G, n, D, device=device, generator=gen)
+    dtype = getattr(torch, shape["dtype"])
     return q_BHND.to(dtype), k_BGND.to(dtype), v_BGND.to(dtype)
 
 
@@ -83,14 +88,38 @@ def dense_sdpa(q_BHND, k_BGND, v_BGND, device, say):
 
 
 def _compile(fn, device):
+    # Dynamic shapes: one compile serves every length (cold static compiles per length took
+    # minutes on an H100), as in the model, where the second length turns shapes dynamic.
     # Inductor's CPU FlexAttention template rejects epilogue fusion (as sa_compile's backend notes).
     options = {"epilogue_fusion": False} if device.type == "cpu" else None
-    return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
+    return torch.compile(fn, fullgraph=True, dynamic=True, options=options)
 
 
 def causal_block_mask(n: int, block_size: int, device) -> BlockMask:
-    """Dense causal BlockMask, built compiled: an eager build would materialize N x N."""
-    return create_block_mask(causal_mask_mod, 1, 1, n, n, device=device, BLOCK_SIZE=block_size, _compile=True)
+    """Dense causal BlockMask from block indices: every block below the diagonal full, the
+    diagonal partial (causal mask_mod); the blocks ``create_block_mask`` keeps (it also marks
+    a ragged last row partial, which changes no output).
+
+    Built from indices because an eager ``create_block_mask`` materializes N x N, and a
+    compiled one took minutes to compile at 16k on an H100 (torch 2.11, cold caches).
+    ``check_causal_block_mask`` compares the two at a small length.
+    """
+    nb = -(-n // block_size)
+    idx_Q = torch.arange(nb, device=device, dtype=torch.int32)
+    diagonal = (torch.ones(1, 1, nb, device=device, dtype=torch.int32), idx_Q.view(1, 1, nb, 1).expand(1, 1, nb, nb))
+    below = (idx_Q.view(1, 1, nb), idx_Q.view(1, 1, 1, nb).expand(1, 1, nb, nb))
+    # Contiguous: the CUDA kernel walks kv_indices with a dense row stride (a stride-0
+    # expanded view gave wrong outputs there, and right ones on CPU).
+    return BlockMask.from_kv_blocks(*(t.contiguous() for t in diagonal + below), BLOCK_SIZE=block_size,
+                                    mask_mod=causal_mask_mod, seq_lengths=(n, n))
+
+
+def check_causal_block_mask(block_size: int, device, n: int = 1000) -> None:
+    """The hand-built causal mask must equal create_block_mask's (eager is fine at small n)."""
+    ours = causal_block_mask(n, block_size, device).to_dense()
+    theirs = create_block_mask(causal_mask_mod, 1, 1, n, n, device=device, BLOCK_SIZE=block_size).to_dense()
+    if not torch.equal(ours, theirs):
+        raise RuntimeError("hand-built causal BlockMask differs from create_block_mask's")
 
 
 def flex_kernel(device):
@@ -129,23 +158,21 @@ def rel_error(out, ref) -> float:
     return (diff / ref.float().norm()).item()
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 def timed(row: dict, fn, args, device, say) -> tuple[dict, object]:
     """Fill ``row`` with the first call (compile included) and the median of timed calls."""
+    graphs_before = counters["stats"]["unique_graphs"]
     try:
         first_s, out = common.wall_time(fn, device)
         timing = common.time_fn(fn, device, repeats=args.repeats, warmup=args.warmup, on_step=say)
     except Exception as exc:
-        if not _is_oom(exc):
+        if not common.is_oom(exc):
             raise
         say("OOM")
         row.update(ms="OOM")
         return row, None
+    compiled = counters["stats"]["unique_graphs"] > graphs_before
     row.update(ms=timing.median_s * 1e3, samples_ms=[t * 1e3 for t in timing.samples_s], first_call_s=first_s,
-               compile_s=max(first_s - timing.median_s, 0.0),
+               compile_s=first_s - timing.median_s if compiled else None,
                peak_gib=timing.peak_bytes / 2**30 if timing.peak_bytes is not None else None)
     return row, out
 
@@ -186,8 +213,7 @@ def run_length(n: int, args, shape: dict, device, progress) -> list[dict]:
         e2e = sparse_end_to_end(config, device)
         run(f"sparse e2e d={d:g}", lambda: e2e(q, k, v), d)
     del q, k, v, ref
-    # One static graph per length: resetting keeps every compiled function's cache small.
-    common.free_memory(device)
+    common.release_cached_memory(device)
     return rows
 
 
@@ -208,7 +234,7 @@ def table(rows: list[dict]) -> str:
                "peak GiB"]
     return common.markdown_table(headers, [
         [common.length_label(r["seq_len"]), r["method"], r["realized_density"], r["ms"], r["ratio_to_sdpa"],
-         r["search_share_of_dense"], r.get("compile_s") if not r["is_baseline"] else None, r.get("rel_err_vs_sdpa"),
+         r["search_share_of_dense"], r.get("compile_s"), r.get("rel_err_vs_sdpa"),
          r.get("peak_gib")] for r in rows])
 
 
@@ -220,14 +246,17 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
         out = {}
         for m in methods:
             by_len = {r["seq_len"]: r[key] for r in rows if r["method"] == m}
-            out[m] = (lengths, [v if isinstance(v, float) else None for v in (by_len.get(n) for n in lengths)])
+            ys = [v if isinstance(v, float) else None for v in (by_len.get(n) for n in lengths)]
+            out[m] = (lengths, ys, {"linestyle": ":" if m.startswith("sparse search") else "-"})
         return out
+
+    ticks = {n: common.length_label(n) for n in lengths}
 
     common.plot_panels(path, [
         {"title": "attention layer time", "xlabel": "sequence length", "ylabel": "ms", "series": series("ms"),
-         "logx": True, "logy": True},
+         "logx": True, "logy": True, "xticks": ticks},
         {"title": "time relative to fused SDPA", "xlabel": "sequence length", "ylabel": "t / t_SDPA",
-         "series": series("ratio_to_sdpa"), "logx": True, "logy": True, "hline": 1.0},
+         "series": series("ratio_to_sdpa"), "logx": True, "logy": True, "hline": 1.0, "xticks": ticks},
     ], title)
 
 
@@ -262,9 +291,13 @@ def main(argv=None) -> None:
     progress = common.Progress()
     progress(f"attention layer: {shape['heads']} q heads, {shape['kv_heads']} kv heads, dim {shape['head_dim']}, "
              f"{shape['dtype']}, block {args.block_size}, on {device}")
+    check_causal_block_mask(args.block_size, device)
     rows = []
-    for n in args.lengths:
-        rows += run_length(n, args, shape, device, progress)
+    # Each density's search and end-to-end closures share one code object, so every density
+    # adds a cache entry; past the default limit Dynamo would silently run them eagerly.
+    with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(args.densities) * len(args.lengths) + 4)):
+        for n in args.lengths:
+            rows += run_length(n, args, shape, device, progress)
     add_ratios(rows)
     name = "attention" + (f"_{args.tag}" if args.tag else "")
     env = common.environment(device)
@@ -274,7 +307,7 @@ def main(argv=None) -> None:
         "baseline": next((r["method"] for r in rows if r["is_baseline"]), None),
         "timing": {"repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
                    "clock": "cuda events" if device.type == "cuda" else "perf_counter",
-                   "compile": "torch.compile(fullgraph=True, dynamic=False), dynamo reset per length"},
+                   "compile": "torch.compile(fullgraph=True, dynamic=True); compile_s where a length compiled"},
         "sparse_configs": {f"{d:g}": SparseConfig(density=d, block_size=args.block_size, min_seq_len=0).describe()
                            for d in args.densities},
         "rows": rows,

@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -103,12 +104,12 @@ class System:
     name: str
     sparse: sa_compile.SparseConfig | None = None  # None: eager or plain Inductor
 
-    def compile(self, model):
+    def compile(self, model, dynamic: bool | None = None):
         if self.name == "eager":
             return model
         if self.sparse is None:
-            return torch.compile(model)
-        return torch.compile(model, backend=sa_compile.make_backend(self.sparse))
+            return torch.compile(model, dynamic=dynamic)
+        return torch.compile(model, backend=sa_compile.make_backend(self.sparse), dynamic=dynamic)
 
 
 def make_systems(args, base: sa_compile.SparseConfig) -> list[System]:
@@ -122,16 +123,10 @@ def make_systems(args, base: sa_compile.SparseConfig) -> list[System]:
             systems.append(System(name, base))
         elif name.startswith("sa_compile@"):
             density = float(name.split("@", 1)[1])
-            systems.append(System(f"sa_compile@{density:g}", _with_density(base, density)))
+            systems.append(System(f"sa_compile@{density:g}", replace(base, density=density)))
         else:
             raise SystemExit(f"unknown system {name!r}: use eager, inductor, sa_compile or sa_compile@<density>")
     return systems
-
-
-def _with_density(config: sa_compile.SparseConfig, density: float) -> sa_compile.SparseConfig:
-    from dataclasses import replace
-
-    return replace(config, density=density)
 
 
 def prefill(model, ids_BN: torch.Tensor) -> torch.Tensor:
@@ -143,15 +138,6 @@ def prefill(model, ids_BN: torch.Tensor) -> torch.Tensor:
     return out.logits
 
 
-def _is_oom(exc: BaseException) -> bool:
-    # Inductor can wrap an OOM hit while compiling or autotuning in its own exception.
-    while exc is not None:
-        if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
 def _counts() -> dict:
     return {"graphs": counters["stats"]["unique_graphs"], **counters["sa_compile"]}
 
@@ -160,60 +146,65 @@ def _delta(before: dict, after: dict) -> dict:
     return {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
 
 
-def measure(system: System, compiled, ids_BN, args, device, say) -> dict:
-    """One (system, length) row: first call, warm-up, timed repeats."""
-    before = _counts()
+def measure(compiled, ids_BN, args, device, say) -> dict:
+    """One (system, length) row: first call (compiles if needed), warm-up, timed repeats."""
     say("first call (compiles if needed)")
     with torch.inference_mode():
         first_s, logits = common.wall_time(lambda: prefill(compiled, ids_BN), device)
         timing = common.time_fn(lambda: prefill(compiled, ids_BN), device, repeats=args.repeats,
                                 warmup=args.warmup, on_step=say)
-    change = _delta(before, _counts())
-    graphs = change.pop("graphs", 0)
     return {
         "ttft_s": timing.median_s, "samples_s": timing.samples_s, "first_call_s": first_s,
-        "compile_s": first_s - timing.median_s if graphs else None, "new_graphs": graphs,
-        "sa_compile_counters": change or None,
         "peak_gib": timing.peak_bytes / 2**30 if timing.peak_bytes is not None else None,
         "logits": logits.float().cpu(),
     }
 
 
-def run_system(system: System, model, ids_by_len: dict, args, device, progress) -> list[dict]:
+def measure_or_oom(compiled, ids_BN, args, device, say) -> dict:
+    """:func:`measure`, with an out-of-memory recorded as ``"OOM"`` (and its memory freed).
+
+    Any other failure is recorded as ``"FAILED"`` with its traceback on stderr, so one
+    system that does not compile does not lose the others' hours of measurements.
+    """
+    try:
+        return measure(compiled, ids_BN, args, device, say)
+    except Exception as exc:
+        oom = common.is_oom(exc)
+        if not oom:
+            traceback.print_exc()
+        say(f"{'OOM' if oom else 'FAILED'}: {type(exc).__name__}")
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        row = {"ttft_s": "OOM" if oom else "FAILED", "error": f"{type(exc).__name__}: {(lines or [''])[0][:300]}"}
+    # Out of the except block, so the exception's frames no longer pin the tensors.
+    common.release_cached_memory(device)
+    return row
+
+
+def run_system(system: System, model, ids_by_len: dict, args, device, progress, on_row=lambda row: None) -> list[dict]:
     """All lengths of one system on one compiled model; frees it all afterwards."""
-    compiled = system.compile(model)
-    serving = None  # rewrite counts of the compile whose graph serves the current length
+    compiled = system.compile(model, args.dynamic)
+    # Rewrite counts of the latest compile: the graph that serves this and the next lengths
+    # until a guard fails and another compile takes over.
+    serving = None
     rows = []
     for n, ids_BN in ids_by_len.items():
         say = progress.scoped(f"{system.name:>16} N={common.length_label(n)}")
-        row = {"system": system.name, "seq_len": n}
-        try:
-            row.update(measure(system, compiled, ids_BN, args, device, say))
-        except Exception as exc:
-            if not _is_oom(exc):
-                raise
-            say(f"OOM: {type(exc).__name__}")
-            row.update(ttft_s="OOM", error=(str(exc).splitlines() or [""])[0][:300])
-        if row["ttft_s"] == "OOM":
-            # Outside the except block: the exception's frames no longer pin the tensors.
-            _release_cuda(device)
-        if row.get("new_graphs") and system.sparse is not None:
-            found = row["sa_compile_counters"] or {}
-            serving = {"rewritten": found.get("rewritten", 0), "skipped": found.get("skipped", 0)}
+        before = _counts()
+        row = {"system": system.name, "seq_len": n, **measure_or_oom(compiled, ids_BN, args, device, say)}
+        change = _delta(before, _counts())
+        row["new_graphs"] = change.pop("graphs", 0)
+        row["sa_compile_counters"] = change or None
+        ok = isinstance(row["ttft_s"], float)
+        row["compile_s"] = row["first_call_s"] - row["ttft_s"] if ok and row["new_graphs"] else None
+        if row["new_graphs"] and system.sparse is not None:
+            serving = {"rewritten": change.get("rewritten", 0), "skipped": change.get("skipped", 0)}
         row["sdpa_rewritten"] = _rewrite_label(serving) if system.sparse is not None else None
-        row["density"] = _density(system, n, serving)
+        row["density"] = _density(system, n, serving) if ok else None
         rows.append(row)
+        on_row(row)
     del compiled
     common.free_memory(device)
     return rows
-
-
-def _release_cuda(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _rewrite_label(serving: dict | None) -> str | None:
@@ -233,10 +224,10 @@ def _density(system: System, n: int, serving: dict | None) -> float:
 
 def add_comparisons(rows: list[dict]) -> None:
     """Speedup over eager and max |logits - eager logits| at the same length; drop the logits."""
-    eager = {r["seq_len"]: r for r in rows if r["system"] == "eager" and r["ttft_s"] != "OOM"}
+    eager = {r["seq_len"]: r for r in rows if r["system"] == "eager" and isinstance(r["ttft_s"], float)}
     for row in rows:
         ref = eager.get(row["seq_len"])
-        ok = ref is not None and row["ttft_s"] != "OOM"
+        ok = ref is not None and isinstance(row["ttft_s"], float)
         row["speedup_vs_eager"] = ref["ttft_s"] / row["ttft_s"] if ok else None
         row["max_abs_logit_diff_vs_eager"] = (row["logits"] - ref["logits"]).abs().max().item() if ok else None
     for row in rows:
@@ -247,19 +238,23 @@ def compile_summary(rows: list[dict]) -> dict:
     """Per system: compile time at the first length it compiled, and graphs compiled in all."""
     summary = {}
     for row in rows:
-        entry = summary.setdefault(row["system"], {"first_compile_len": None, "compile_s": None, "graphs": 0})
-        graphs = row.get("new_graphs") or 0
-        if graphs and entry["first_compile_len"] is None:
-            entry.update(first_compile_len=row["seq_len"], compile_s=row["compile_s"])
-        entry["graphs"] += graphs
+        entry = summary.setdefault(row["system"], {"first_compile_len": None, "compile_s": None, "graphs": 0,
+                                                   "lengths_compiled": []})
+        if row["new_graphs"]:
+            if entry["first_compile_len"] is None:
+                entry.update(first_compile_len=row["seq_len"], compile_s=row["compile_s"])
+            entry["lengths_compiled"].append(row["seq_len"])
+        entry["graphs"] += row["new_graphs"]
     for entry in summary.values():
-        entry["recompiles"] = max(entry["graphs"] - 1, 0)
+        # A length that compiles anything after the first is a recompile; graph breaks would
+        # raise the graph count but not this.
+        entry["recompiles"] = max(len(entry["lengths_compiled"]) - 1, 0)
     return summary
 
 
 def growth_gradients(rows: list[dict]) -> dict:
     """TTFT growth from 64K to 128K tokens, in seconds per 1K tokens, and its ratio to eager's."""
-    ttft = {(r["system"], r["seq_len"]): r["ttft_s"] for r in rows if r["ttft_s"] != "OOM"}
+    ttft = {(r["system"], r["seq_len"]): r["ttft_s"] for r in rows if isinstance(r["ttft_s"], float)}
     gradients = {}
     for system in dict.fromkeys(r["system"] for r in rows):
         lo, hi = ttft.get((system, GRADIENT_FROM)), ttft.get((system, GRADIENT_TO))
@@ -295,11 +290,13 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
             out[s] = (lengths, [v if isinstance(v, float) else None for v in (by_len.get(n) for n in lengths)])
         return out
 
+    ticks = {n: common.length_label(n) for n in lengths}
+
     common.plot_panels(path, [
         {"title": "TTFT", "xlabel": "prompt tokens", "ylabel": "seconds", "series": series("ttft_s"),
-         "logx": True, "logy": True},
+         "logx": True, "logy": True, "xticks": ticks},
         {"title": "speedup over eager SDPA", "xlabel": "prompt tokens", "ylabel": "eager TTFT / TTFT",
-         "series": series("speedup_vs_eager"), "logx": True, "hline": 1.0},
+         "series": series("speedup_vs_eager"), "logx": True, "hline": 1.0, "xticks": ticks},
     ], title)
 
 
@@ -313,8 +310,10 @@ def parse_args(argv=None):
                    help="extra sa_compile densities, each run as sa_compile@<d> (default 0.05)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--block-size", type=int, help="sa_compile block size (tiny: 32, 8B: SparseConfig default)")
+    p.add_argument("--block-size", type=int, help="sa_compile block size (tiny on CPU: 32; else SparseConfig default)")
     p.add_argument("--min-seq-len", type=int, help="sa_compile min_seq_len (tiny: 0, 8B: SparseConfig default)")
+    p.add_argument("--dynamic", choices=("auto", "true", "false"), default="auto",
+                   help="torch.compile(dynamic=...) for the compiled systems (auto: None, the default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warm-caches", action="store_true",
@@ -326,16 +325,54 @@ def parse_args(argv=None):
         p.error("--repeats must be at least 3 (the median of fewer says little)")
     if args.model != "tiny" and not args.device.startswith("cuda"):
         p.error("llama-3.1-8b needs a CUDA device")
+    args.dynamic = {"auto": None, "true": True, "false": False}[args.dynamic]
     args.lengths = common.parse_lengths(args.lengths or (TINY_LENGTHS if args.model == "tiny" else LLAMA_LENGTHS))
     return args
 
 
 def sparse_base_config(args) -> sa_compile.SparseConfig:
-    """Default SparseConfig; the tiny model's short prompts need small blocks and no length floor."""
+    """Default SparseConfig; the tiny model's short prompts need small blocks and no length floor.
+
+    Small blocks only on CPU: CUDA's FlexAttention kernel needs the sparse block to be a
+    multiple of its tile (128), and refuses 32.
+    """
     tiny = args.model == "tiny"
-    block = args.block_size if args.block_size is not None else (32 if tiny else sa_compile.SparseConfig.block_size)
+    tiny_block = 32 if args.device == "cpu" else sa_compile.SparseConfig.block_size
+    block = args.block_size if args.block_size is not None else (tiny_block if tiny else sa_compile.SparseConfig.block_size)
     floor = args.min_seq_len if args.min_seq_len is not None else (0 if tiny else sa_compile.SparseConfig.min_seq_len)
     return sa_compile.SparseConfig(block_size=block, min_seq_len=floor)
+
+
+def make_record(args, model, dtype, build_s, systems, rows, device) -> dict:
+    """Everything a reader needs beside the numbers: model, versions, configs, timing method."""
+    return {
+        "benchmark": "compile_ttft", "model": args.model, "dtype": str(dtype), "build_s": build_s,
+        "model_config": {k: getattr(model.config, k) for k in (
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "intermediate_size", "vocab_size", "rope_parameters", "max_position_embeddings")},
+        "environment": common.environment(device), "grad_mode": "torch.inference_mode", "dynamic": args.dynamic,
+        "timing": {"repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
+                   "clock": "cuda events" if device.type == "cuda" else "perf_counter"},
+        "sparse_configs": {s.name: s.sparse.describe() for s in systems if s.sparse is not None},
+        "compile": compile_summary(rows), "ttft_growth_64k_to_128k": growth_gradients(rows), "rows": rows,
+    }
+
+
+def print_report(record: dict) -> None:
+    rows, summary, gradients = record["rows"], record["compile"], record["ttft_growth_64k_to_128k"]
+    print(table(rows, summary))
+    print()
+    print(common.markdown_table(["system", "first compile at", "compile (s)", "recompiles", "compiled at", "graphs"], [
+        [s, common.length_label(e["first_compile_len"]) if e["first_compile_len"] else None, e["compile_s"],
+         e["recompiles"], " ".join(map(common.length_label, e["lengths_compiled"])) or None, e["graphs"]]
+        for s, e in summary.items()]))
+    for r in rows:
+        if not isinstance(r["ttft_s"], float):
+            print(f"\n{r['system']} at N={common.length_label(r['seq_len'])}: {r['ttft_s']} ({r['error']})")
+    if gradients:
+        print()
+        print(common.markdown_table(["system", "TTFT growth 64K→128K (s per 1K tokens)", "ratio to eager"], [
+            [s, g["s_per_1k_tokens"], g["ratio_to_eager"]] for s, g in gradients.items()]))
 
 
 def main(argv=None) -> None:
@@ -354,34 +391,24 @@ def main(argv=None) -> None:
     ids_by_len = {n: torch.randint(0, model.config.vocab_size, (1, n),
                                    generator=torch.Generator().manual_seed(args.seed + n)).to(device)
                   for n in args.lengths}
+    name = f"ttft_{args.model}" + (f"_{args.tag}" if args.tag else "")
+    finished = []
+
+    def save_partial(row):
+        # A run killed at a time limit still leaves every finished row behind.
+        finished.append(row)
+        record = make_record(args, model, dtype, build_s, systems, finished, device)
+        common.write_json(args.out / f"{name}.partial.json", record)
+
     rows = []
     for system in systems:
-        rows += run_system(system, model, ids_by_len, args, device, progress)
+        rows += run_system(system, model, ids_by_len, args, device, progress, on_row=save_partial)
     add_comparisons(rows)
-    summary, gradients = compile_summary(rows), growth_gradients(rows)
-    name = f"ttft_{args.model}" + (f"_{args.tag}" if args.tag else "")
-    record = {
-        "benchmark": "compile_ttft", "model": args.model, "dtype": str(dtype), "build_s": build_s,
-        "model_config": {k: getattr(model.config, k) for k in (
-            "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "intermediate_size", "vocab_size", "rope_parameters", "max_position_embeddings")},
-        "environment": common.environment(device), "grad_mode": "torch.inference_mode",
-        "timing": {"repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
-                   "clock": "cuda events" if device.type == "cuda" else "perf_counter"},
-        "sparse_configs": {s.name: s.sparse.describe() for s in systems if s.sparse is not None},
-        "compile": summary, "ttft_growth_64k_to_128k": gradients, "rows": rows,
-    }
+    record = make_record(args, model, dtype, build_s, systems, rows, device)
     common.write_json(args.out / f"{name}.json", record)
+    (args.out / f"{name}.partial.json").unlink(missing_ok=True)
     plot(args.out / f"{name}.png", rows, f"{args.model} prefill TTFT on {record['environment']['device']}")
-    print(table(rows, summary))
-    print()
-    print(common.markdown_table(["system", "first compile at", "compile (s)", "graphs", "recompiles"], [
-        [s, common.length_label(e["first_compile_len"]) if e["first_compile_len"] else None, e["compile_s"],
-         e["graphs"], e["recompiles"]] for s, e in summary.items()]))
-    if gradients:
-        print()
-        print(common.markdown_table(["system", "TTFT growth 64K→128K (s per 1K tokens)", "ratio to eager"], [
-            [s, g["s_per_1k_tokens"], g["ratio_to_eager"]] for s, g in gradients.items()]))
+    print_report(record)
     progress(f"wrote {args.out / name}.json and .png")
 
 

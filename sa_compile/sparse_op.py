@@ -9,9 +9,11 @@ Data path for one call, all inside the compiled graph::
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
+import torch.fx.experimental.symbolic_shapes
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
@@ -22,6 +24,17 @@ from sa_compile.templates._blocks import num_blocks, pad_to_blocks
 from .config import PatternKind, SparseConfig
 from .flex import causal_mask_mod, causal_valid_mask_mod, flex_attention_traced
 from .selection import compact, diagonal_only, select_blocks
+
+
+# Devices where the sparse path is specialized to each sequence length (see rewritten_sdpa).
+STATIC_LENGTH_DEVICES = {"cuda"}
+_logged: set[str] = set()
+
+
+def _log_once(message: str, *args) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logging.getLogger("sa_compile").info(message, *args)
 
 
 def estimate_block_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None):
@@ -108,6 +121,12 @@ def rewritten_sdpa(q_BHND, k_BGND, v_BGND, kv_valid_BN, scale, **config_fields):
     N, D = q_BHND.shape[-2:]
     if N < config.min_seq_len:
         return dense_causal_attention(q_BHND, k_BGND, v_BGND, scale, kv_valid_BN)
+    if q_BHND.device.type in STATIC_LENGTH_DEVICES and not isinstance(N, int):
+        # Inductor's Triton codegen fails on the sparse path with a symbolic length
+        # (CantSplit on ((N + 127)//128)**2 // ((N + 127)//128), torch 2.11, H100), so pin the
+        # length: each new long prompt length compiles once instead of failing.
+        _log_once("sparse path compiled for one sequence length at a time on %s", q_BHND.device.type)
+        torch.fx.experimental.symbolic_shapes.guard_int(N)
     if scale is not None and not isinstance(scale, (int, float)):
         # A scale only known at run time (a traced module attribute): fold it into q so
         # the kernel keeps a constant scale; multiplying by exactly 1.0 changes nothing.
