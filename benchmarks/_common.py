@@ -259,3 +259,20 @@ def plot_panels(path: Path, panels: Sequence[dict], title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def add_run_arguments(parser, *, repeats: int, warmup: int) -> None:
+    """The options every benchmark shares: timing, device, seed, caches, output."""
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warm-caches", action="store_true",
+                        help="reuse on-disk Inductor/Triton caches (default: a fresh cache dir, cold compile times)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--tag", default="")
+
+
+def check_run_arguments(parser, args) -> None:
+    if args.repeats < 3:
+        parser.error("--repeats must be at least 3 (the median of fewer says little)")

@@ -266,17 +266,9 @@ def parse_args(argv=None):
                                      f"CPU: {CPU_SHAPE['lengths']})")
     p.add_argument("--densities", type=common.parse_floats, default=[0.02, 0.05, 0.1, 0.2])
     p.add_argument("--block-size", type=int, help="sparse block size (CUDA: 128, CPU: 32)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warm-caches", action="store_true",
-                   help="reuse on-disk Inductor/Triton caches (default: a fresh cache dir, cold compile times)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    p.add_argument("--tag", default="")
+    common.add_run_arguments(p, repeats=5, warmup=2)
     args = p.parse_args(argv)
-    if args.repeats < 3:
-        p.error("--repeats must be at least 3")
+    common.check_run_arguments(p, args)
     shape = CUDA_SHAPE if args.device.startswith("cuda") else CPU_SHAPE
     args.lengths = common.parse_lengths(args.lengths or shape["lengths"])
     args.block_size = args.block_size or shape["block_size"]

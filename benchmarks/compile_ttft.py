@@ -308,21 +308,13 @@ def parse_args(argv=None):
                    help="subset of: eager, inductor, sa_compile, sa_compile@<density> (default: all)")
     p.add_argument("--densities", type=common.parse_floats, default=[0.05],
                    help="extra sa_compile densities, each run as sa_compile@<d> (default 0.05)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--block-size", type=int, help="sa_compile block size (tiny on CPU: 32; else SparseConfig default)")
     p.add_argument("--min-seq-len", type=int, help="sa_compile min_seq_len (tiny: 0, 8B: SparseConfig default)")
     p.add_argument("--dynamic", choices=("auto", "true", "false"), default="auto",
                    help="torch.compile(dynamic=...) for the compiled systems (auto: None, the default)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warm-caches", action="store_true",
-                   help="reuse on-disk Inductor/Triton caches (default: a fresh cache dir, cold compile times)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    p.add_argument("--tag", default="")
+    common.add_run_arguments(p, repeats=3, warmup=1)
     args = p.parse_args(argv)
-    if args.repeats < 3:
-        p.error("--repeats must be at least 3 (the median of fewer says little)")
+    common.check_run_arguments(p, args)
     if args.model != "tiny" and not args.device.startswith("cuda"):
         p.error("llama-3.1-8b needs a CUDA device")
     args.dynamic = {"auto": None, "true": True, "false": False}[args.dynamic]
