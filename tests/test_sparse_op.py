@@ -23,8 +23,8 @@ def compiled_op(dynamic: bool):
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Override the reset of conftest: the compiled ops here are shared on purpose."""
-    torch._dynamo.config.recompile_limit = 64
-    yield
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
 
 
 @pytest.mark.parametrize("device", DEVICES)
