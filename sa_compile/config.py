@@ -38,6 +38,9 @@ class SparseConfig:
         min_seq_len: prompts shorter than this stay on dense SDPA.
         last_q: how many of the last queries estimate the vertical-slash pattern.
         pattern: which template scores the blocks (see :class:`PatternKind`).
+        search_head_budgets: share the layer's block budget between its heads by estimated
+            mass per block of kernel work (a per-input search), instead of giving every
+            head the same count. The layer total stays within ``density``.
 
     Example::
 
@@ -50,6 +53,7 @@ class SparseConfig:
     min_seq_len: int = 16384
     last_q: int = 64
     pattern: PatternKind = PatternKind.AUTO
+    search_head_budgets: bool = False
 
     def __post_init__(self) -> None:
         _check(isinstance(self.density, (int, float)) and 0.0 < self.density <= 1.0,
@@ -60,6 +64,8 @@ class SparseConfig:
                "min_seq_len", self.min_seq_len, "an integer >= 0")
         _check(_is_int(self.last_q) and 1 <= self.last_q <= 4096,
                "last_q", self.last_q, "an integer in [1, 4096]")
+        _check(isinstance(self.search_head_budgets, bool),
+               "search_head_budgets", self.search_head_budgets, "True or False")
         _check(isinstance(self.pattern, PatternKind),
                "pattern", self.pattern, f"a PatternKind ({[k.name for k in PatternKind]})")
 

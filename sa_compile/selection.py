@@ -28,22 +28,74 @@ def blocks_per_row(num_blocks_, density: float, device) -> torch.Tensor:
     return k.clamp(min=torch.clamp(nb, max=2.0), max=nb).to(torch.int64)
 
 
-def select_blocks(scores_BHQK: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the top ``min(K, qb+1)`` causal blocks of each row, sink and diagonal first.
-
-    Returns ``keep_BHQK`` (bool). Every row is non-empty and causal.
-    """
+def _rank_in_row(scores_BHQK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's rank within its row (sink and diagonal first, then by score), and the
+    row's scores sorted in that order."""
     nb = scores_BHQK.shape[-1]
-    device = scores_BHQK.device
-    idx = torch.arange(nb, device=device)
+    idx = torch.arange(nb, device=scores_BHQK.device)
     offsets_QK = idx[:, None] - idx[None, :]
     forced_QK = (offsets_QK == 0) | ((idx[None, :] == 0) & (offsets_QK >= 0))
     ranked = scores_BHQK.float().masked_fill(offsets_QK < 0, float("-inf"))
     ranked = ranked.masked_fill(forced_QK, float("inf"))
-    order_BHQK = torch.argsort(ranked, dim=-1, descending=True, stable=True)
+    sorted_BHQK, order_BHQK = torch.sort(ranked, dim=-1, descending=True, stable=True)
     rank_BHQK = torch.empty_like(order_BHQK).scatter_(-1, order_BHQK, idx.expand_as(order_BHQK))
-    k_row_Q = torch.minimum(blocks_per_row(nb, density, device), idx + 1)
-    return rank_BHQK < k_row_Q[:, None]
+    return rank_BHQK, sorted_BHQK
+
+
+def select_blocks(scores_BHQK: torch.Tensor, density: float, search_head_budgets: bool = False) -> torch.Tensor:
+    """Keep the top ``min(K, qb+1)`` causal blocks of each row, sink and diagonal first.
+
+    ``K`` is one count for every head, or with ``search_head_budgets`` a count per head from
+    :func:`head_blocks_per_row`, spending the same layer budget where it buys most mass.
+    Returns ``keep_BHQK`` (bool). Every row is non-empty and causal.
+    """
+    nb = scores_BHQK.shape[-1]
+    idx = torch.arange(nb, device=scores_BHQK.device)
+    rank_BHQK, sorted_BHQK = _rank_in_row(scores_BHQK)
+    if search_head_budgets:
+        k_BH1 = head_blocks_per_row(sorted_BHQK, density)[..., None]
+    else:
+        k_BH1 = blocks_per_row(nb, density, scores_BHQK.device).expand(*scores_BHQK.shape[:2], 1)
+    k_row_BHQ = torch.minimum(k_BH1, idx + 1)
+    return rank_BHQK < k_row_BHQ[..., None]
+
+
+def grid_cost(k: torch.Tensor, num_blocks_) -> torch.Tensor:
+    """Blocks computed when every row keeps ``min(k, qb + 1)``: ``k*nb - k*(k-1)/2``."""
+    return k * num_blocks_ - k * (k - 1) // 2
+
+
+def head_blocks_per_row(sorted_BHQK: torch.Tensor, density: float, iterations: int = 24) -> torch.Tensor:
+    """Per-head block counts that maximize the estimated mass kept within the layer budget.
+
+    Raising head h's count from K to K+1 adds the (K+1)-th best block of every row that has
+    one: mass ``gain_h(K)`` for ``nb - K`` blocks of kernel work. With the gain per block made
+    non-increasing, the best allocation for a budget keeps, in every head, all steps whose
+    gain per block is at least one shared price; a fixed-length bisection over that price
+    (tensor ops only, no host sync) finds the cheapest price whose allocation fits the
+    budget of ``density`` of every head's causal grid. Returns ``k_BH`` (int64, >= 2).
+    """
+    B, H, nb, _ = sorted_BHQK.shape
+    idx = torch.arange(nb, device=sorted_BHQK.device)
+    rows_with_step_QK = idx[:, None] >= idx[None, :]  # row qb has a (K+1)-th block when K <= qb
+    gains = torch.where(rows_with_step_QK & torch.isfinite(sorted_BHQK), sorted_BHQK, 0.0)
+    per_block_BHK = gains.sum(-2) / (nb - idx).clamp(min=1)
+    # Steps 0 and 1 (sink, diagonal) are always taken; later steps in non-increasing value.
+    per_block_BHK = torch.where(idx < 2, float("inf"), per_block_BHK).cummin(-1).values
+    budget_B = density * H * causal_block_count(nb)
+
+    def allocation(price_B):
+        taken = (per_block_BHK >= price_B[:, None, None]).sum(-1)
+        return taken.clamp(min=2, max=nb)  # clamp gives nb when nb < 2
+
+    low = torch.zeros(B, device=sorted_BHQK.device)  # takes everything
+    high = per_block_BHK.masked_fill(torch.isinf(per_block_BHK), 0.0).amax((-2, -1)) + 1.0  # only the floor
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        fits = grid_cost(allocation(mid), nb).sum(-1) <= budget_B
+        high = torch.where(fits, mid, high)
+        low = torch.where(fits, low, mid)
+    return allocation(high)
 
 
 def compact(mask_BHQK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +116,9 @@ def realized_density(seq_len: int, config) -> float:
     """Fraction of the causal block grid the sparse path computes at ``seq_len`` tokens.
 
     Exact, not an estimate: every row keeps ``min(K, qb + 1)`` blocks whatever the input.
-    Returns 1.0 below ``config.min_seq_len``, where attention stays dense.
+    Returns 1.0 below ``config.min_seq_len``, where attention stays dense. With
+    ``search_head_budgets`` the split between heads depends on the input and this is the
+    uniform split's total, which the searched split never exceeds by more than the floor.
     """
     if seq_len < config.min_seq_len:
         return 1.0

@@ -51,7 +51,7 @@ def estimate_block_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv
 def select_kept_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None):
     """The per-head pattern search: which blocks of the causal grid get computed."""
     scores_BHQK = estimate_block_scores(q_BHND, k_BGND, config, scale, kv_valid_BN)
-    return select_blocks(scores_BHQK, config.density)
+    return select_blocks(scores_BHQK, config.density, config.search_head_budgets)
 
 
 def build_block_mask(keep_BHQK, block_size: int, seq_len, kv_valid_BN=None):

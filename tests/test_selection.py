@@ -84,3 +84,43 @@ def test_realized_density_is_dense_below_min_seq_len():
     cfg = SparseConfig(density=0.1, min_seq_len=4096)
     assert realized_density(4095, cfg) == 1.0
     assert realized_density(65536, cfg) < 0.11
+
+
+@given(seed=st.integers(0, 2**16), nb=st.integers(64, 128), density=st.floats(0.05, 0.3))
+def test_searched_head_budgets_spend_the_layer_budget(seed, nb, density):
+    """The layer total stays within the budget and lands within 5% of it (32 heads)."""
+    gen = torch.Generator().manual_seed(seed)
+    heads = 32
+    sharpness = 1 + 10 * torch.rand(1, heads, 1, 1, generator=gen)
+    scores = torch.rand(1, heads, nb, nb, generator=gen) ** sharpness
+    keep = select_blocks(scores, density, search_head_budgets=True)
+    budget = density * heads * causal_block_count(nb)
+    floor = heads * _row_costs(2, nb)
+    cost = int(keep.sum())
+    if budget >= floor:
+        assert 0.95 * budget <= cost <= budget
+    else:
+        assert cost == floor
+    rows = torch.arange(nb)
+    assert keep[..., rows, rows].all() and keep[..., :, 0].all()
+    assert not keep[..., rows[:, None] < rows[None, :]].any()
+
+
+def test_searched_head_budgets_go_where_the_mass_is_spread():
+    """A local head needs only its diagonal; a diffuse head gets the blocks it frees."""
+    nb = 64
+    rows = torch.arange(nb)
+    local = torch.eye(nb)
+    column = torch.zeros(nb, nb)
+    column[:, 0] = 1.0
+    column[rows, rows] = 0.1
+    diffuse = torch.ones(nb, nb).tril()
+    scores = torch.stack([local, column, diffuse])[None]
+    scores = scores / scores.sum(-1, keepdim=True)
+    searched = select_blocks(scores, 0.2, search_head_budgets=True)
+    uniform = select_blocks(scores, 0.2)
+    per_head = searched.sum((-1, -2))[0]
+    assert per_head[0] == per_head[1] == _row_costs(2, nb), "local and column heads need only the floor"
+    assert per_head[2] > uniform.sum((-1, -2))[0, 2]
+    assert searched.sum() <= 0.2 * 3 * causal_block_count(nb)
+    assert (scores * searched).sum() > (scores * uniform).sum()

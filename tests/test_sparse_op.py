@@ -48,12 +48,16 @@ def test_full_density_reproduces_dense_attention(dtype, device):
     blocks=st.floats(1.1, 10.0),
     density=st.sampled_from([0.15, 0.4, 0.7]),
     pattern=st.sampled_from(list(PatternKind)),
+    search=st.booleans(),
 )
-def test_sparse_output_equals_dense_attention_under_the_same_block_mask(device, seed, blocks, density, pattern):
+def test_sparse_output_equals_dense_attention_under_the_same_block_mask(
+    device, seed, blocks, density, pattern, search
+):
     block = BLOCK[device]
     seq_len = int(blocks * block)
     q, k, v = attention_inputs(seed, 1, 4, 2, seq_len, 16, torch.float32, device)
-    cfg = SparseConfig(density=density, block_size=block, min_seq_len=0, last_q=8, pattern=pattern)
+    cfg = SparseConfig(density=density, block_size=block, min_seq_len=0, last_q=8, pattern=pattern,
+                       search_head_budgets=search)
     out, keep = compiled_op(True)(q, k, v, cfg, return_keep=True)
     assert torch.equal(keep, select_kept_blocks(q, k, cfg, 16**-0.5)), "compiled and eager searches disagree"
     reference = masked_reference(q, k, v, token_mask(keep, block, seq_len))
