@@ -276,3 +276,14 @@ def add_run_arguments(parser, *, repeats: int, warmup: int) -> None:
 def check_run_arguments(parser, args) -> None:
     if args.repeats < 3:
         parser.error("--repeats must be at least 3 (the median of fewer says little)")
+
+
+def series_by_length(rows: Sequence[dict], group_key: str, value_key: str, groups: Sequence[str], style=None) -> dict:
+    """One plotted series per group: ``value_key`` over the sorted lengths (None where absent)."""
+    lengths = sorted({r["seq_len"] for r in rows})
+    out = {}
+    for group in groups:
+        by_len = {r["seq_len"]: r[value_key] for r in rows if r[group_key] == group}
+        ys = [v if isinstance(v, float) else None for v in (by_len.get(n) for n in lengths)]
+        out[group] = (lengths, ys, style(group)) if style else (lengths, ys)
+    return out

@@ -243,12 +243,8 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     lengths = sorted({r["seq_len"] for r in rows})
 
     def series(key):
-        out = {}
-        for m in methods:
-            by_len = {r["seq_len"]: r[key] for r in rows if r["method"] == m}
-            ys = [v if isinstance(v, float) else None for v in (by_len.get(n) for n in lengths)]
-            out[m] = (lengths, ys, {"linestyle": ":" if m.startswith("sparse search") else "-"})
-        return out
+        return common.series_by_length(rows, "method", key, methods, style=lambda m: {
+            "linestyle": ":" if m.startswith("sparse search") else "-"})
 
     ticks = {n: common.length_label(n) for n in lengths}
 

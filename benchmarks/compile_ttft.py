@@ -284,11 +284,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     lengths = sorted({r["seq_len"] for r in rows})
 
     def series(key):
-        out = {}
-        for s in systems:
-            by_len = {r["seq_len"]: r[key] for r in rows if r["system"] == s}
-            out[s] = (lengths, [v if isinstance(v, float) else None for v in (by_len.get(n) for n in lengths)])
-        return out
+        return common.series_by_length(rows, "system", key, systems)
 
     ticks = {n: common.length_label(n) for n in lengths}
 
