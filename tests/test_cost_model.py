@@ -1,0 +1,49 @@
+"""The sympy cost model against the selection's exact block counts."""
+
+import doctest
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import sa_compile.cost_model as cost_model
+from sa_compile import SparseConfig
+from sa_compile.cost_model import attention_cost, density_for_flop_budget
+from sa_compile.selection import causal_block_count, realized_density, select_blocks
+
+
+@given(seq_len=st.integers(1, 5000), density=st.floats(0.01, 1.0), block=st.sampled_from([16, 64, 128]))
+def test_kernel_fraction_is_the_realized_density(seq_len, density, block):
+    cfg = SparseConfig(density=density, block_size=block, min_seq_len=0, last_q=16)
+    cost = attention_cost(seq_len, cfg, heads=4, head_dim=32)
+    assert cost["kernel_fraction"] == pytest.approx(realized_density(seq_len, cfg), rel=1e-12)
+
+
+def test_kernel_flops_count_the_blocks_the_selection_keeps():
+    nb, block, heads, head_dim = 23, 16, 3, 32
+    cfg = SparseConfig(density=0.3, block_size=block, min_seq_len=0)
+    keep = select_blocks(torch.rand(1, heads, nb, nb, generator=torch.Generator().manual_seed(0)), cfg.density)
+    cost = attention_cost(nb * block, cfg, heads=heads, head_dim=head_dim)
+    assert cost["kernel_flops"] == 4 * block**2 * head_dim * int(keep.sum())
+    assert cost["dense_flops"] == 4 * block**2 * head_dim * heads * causal_block_count(nb)
+
+
+def test_search_flops():
+    cfg = SparseConfig(block_size=128, last_q=64)
+    cost = attention_cost(32768, cfg, heads=32, head_dim=128)
+    assert cost["search_flops"] == 2 * 64 * 32768 * 128 * 32 + 2 * 256**2 * 128 * 32
+
+
+def test_a_flop_budget_pays_for_the_search_first():
+    cfg = SparseConfig(min_seq_len=0)
+    search = attention_cost(16384, cfg, 32, 128)["search_fraction"]
+    assert density_for_flop_budget(0.1, 16384, cfg, 32, 128) == pytest.approx(0.1 - search)
+    assert density_for_flop_budget(5.0, 16384, cfg, 32, 128) == 1.0
+    with pytest.raises(ValueError, match="flop_budget=0.001"):
+        density_for_flop_budget(0.001, 16384, cfg, 32, 128)
+
+
+def test_module_example():
+    result = doctest.testmod(cost_model)
+    assert result.attempted >= 2 and result.failed == 0
