@@ -14,19 +14,18 @@ import torch
 from torch._dynamo.utils import counters
 from torch.fx import GraphModule, Node
 
+from sa_compile._log import log, log_once
 from sa_compile.config import SparseConfig
 from sa_compile.sparse_op import rewritten_sdpa
 
 from .causal_mask import CausalMask, prove_causal
 from .matchers import example_value, is_sdpa, parse_sdpa, sizes_equal, unrepeat_kv
 
-log = logging.getLogger("sa_compile")
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 # Triton's FlexAttention kernel tiles queries by up to 128 and needs sparse blocks it divides
 # (smaller blocks fail in the lowering: measured on an H100, torch 2.11).
 _MIN_GPU_BLOCK = 128
-_logged_reasons: set[str] = set()
 
 
 @dataclass
@@ -119,9 +118,7 @@ def _rewrite(gm: GraphModule, node: Node, plan: _Plan, config: SparseConfig) -> 
 def _count_skip(reason: str) -> None:
     counters["sa_compile"]["skipped"] += 1
     counters["sa_compile"][f"skipped: {reason}"] += 1
-    if reason not in _logged_reasons:
-        _logged_reasons.add(reason)
-        log.warning("sa_compile: SDPA left dense: %s", reason)
+    log_once(logging.WARNING, "sa_compile: SDPA left dense: %s", reason)
 
 
 def sparse_sdpa_pass(gm: GraphModule, example_inputs, *, config: SparseConfig) -> GraphModule:

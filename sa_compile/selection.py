@@ -124,5 +124,4 @@ def realized_density(seq_len: int, config) -> float:
         return 1.0
     nb = -(-seq_len // config.block_size)
     k = int(blocks_per_row(nb, config.density, "cpu"))
-    kept = sum(min(k, row + 1) for row in range(nb))
-    return kept / causal_block_count(nb)
+    return grid_cost(k, nb) / causal_block_count(nb)

@@ -19,8 +19,8 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from sa_compile.templates.block_sparse import pooled_block_scores
 from sa_compile.templates.vertical_slash import last_q_attention, vertical_slash_block_scores
-from sa_compile.templates._blocks import num_blocks, pad_to_blocks
 
+from ._log import log_once
 from .config import PatternKind, SparseConfig
 from .flex import causal_mask_mod, causal_valid_mask_mod, flex_attention_traced
 from .selection import compact, diagonal_only, select_blocks
@@ -28,13 +28,6 @@ from .selection import compact, diagonal_only, select_blocks
 
 # Devices where the sparse path is specialized to each sequence length (see rewritten_sdpa).
 STATIC_LENGTH_DEVICES = {"cuda"}
-_logged: set[str] = set()
-
-
-def _log_once(message: str, *args) -> None:
-    if message not in _logged:
-        _logged.add(message)
-        logging.getLogger("sa_compile").info(message, *args)
 
 
 def estimate_block_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None):
@@ -125,7 +118,7 @@ def rewritten_sdpa(q_BHND, k_BGND, v_BGND, kv_valid_BN, scale, **config_fields):
         # Inductor's Triton codegen fails on the sparse path with a symbolic length
         # (CantSplit on ((N + 127)//128)**2 // ((N + 127)//128), torch 2.11, H100), so pin the
         # length: each new long prompt length compiles once instead of failing.
-        _log_once("sparse path compiled for one sequence length at a time on %s", q_BHND.device.type)
+        log_once(logging.INFO, "sparse path compiled for one sequence length at a time on %s", q_BHND.device.type)
         torch.fx.experimental.symbolic_shapes.guard_int(N)
     if scale is not None and not isinstance(scale, (int, float)):
         # A scale only known at run time (a traced module attribute): fold it into q so

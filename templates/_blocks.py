@@ -33,8 +33,8 @@ def normalize_causal_rows(scores_BHQK: torch.Tensor) -> torch.Tensor:
     return scores_BHQK / scores_BHQK.sum(-1, keepdim=True).clamp(min=1e-30)
 
 
-def draw(scores_QK: torch.Tensor, keep_QK: torch.Tensor | None = None) -> str:
-    """Render one head's block scores (and optionally its kept blocks) as text, row-scaled."""
+def draw(scores_QK: torch.Tensor) -> str:
+    """Render one head's block scores as text, each row scaled to its own peak."""
     shades = " .:-=+*#%@"
     lines = []
     for qb in range(scores_QK.shape[0]):
@@ -43,8 +43,6 @@ def draw(scores_QK: torch.Tensor, keep_QK: torch.Tensor | None = None) -> str:
         for kb in range(scores_QK.shape[1]):
             if kb > qb:
                 row.append(" ")
-            elif keep_QK is not None and keep_QK[qb, kb]:
-                row.append("X")
             else:
                 level = float(scores_QK[qb, kb] / peak)
                 row.append(shades[min(int(level * (len(shades) - 1) + 0.5), len(shades) - 1)])

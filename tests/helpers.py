@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 # Tolerances of a sparse/compiled output against a float64 reference computed from the
 # same (dtype-rounded) inputs. Low-precision kernels round P and the output to the dtype.

@@ -6,12 +6,8 @@ from hypothesis import strategies as st
 
 from sa_compile import SparseConfig
 from sa_compile.selection import (
-    blocks_per_row, causal_block_count, compact, diagonal_only, realized_density, select_blocks,
+    blocks_per_row, causal_block_count, compact, diagonal_only, grid_cost, realized_density, select_blocks,
 )
-
-
-def _row_costs(k: int, nb: int) -> int:
-    return sum(min(k, row + 1) for row in range(nb))
 
 
 @given(nb=st.integers(1, 300), density=st.floats(0.001, 1.0))
@@ -21,9 +17,9 @@ def test_blocks_per_row_is_the_largest_count_within_budget(nb, density):
     floor = min(2, nb)
     assert floor <= k <= nb
     if k > floor:
-        assert _row_costs(k, nb) <= budget + 1e-6
+        assert grid_cost(k, nb) <= budget + 1e-6
     if k < nb:
-        assert _row_costs(k + 1, nb) > budget - 1e-6
+        assert grid_cost(k + 1, nb) > budget - 1e-6
 
 
 def test_full_density_keeps_every_causal_block():
@@ -47,7 +43,7 @@ def test_selection_is_causal_keeps_sink_and_diagonal_and_meets_budget(seed, nb, 
     expected_per_row = torch.minimum(torch.tensor(k), rows + 1)
     assert torch.equal(keep.sum(-1), expected_per_row.expand(2, 3, nb))
     kept = int(keep[0, 0].sum())
-    assert kept <= max(density * causal_block_count(nb), _row_costs(min(2, nb), nb)) + 1e-6
+    assert kept <= max(density * causal_block_count(nb), grid_cost(min(2, nb), nb)) + 1e-6
     assert abs(kept / causal_block_count(nb) - realized_density(nb * 16, SparseConfig(
         density=density, block_size=16, min_seq_len=0))) < 1e-12
 
@@ -95,7 +91,7 @@ def test_searched_head_budgets_spend_the_layer_budget(seed, nb, density):
     scores = torch.rand(1, heads, nb, nb, generator=gen) ** sharpness
     keep = select_blocks(scores, density, search_head_budgets=True)
     budget = density * heads * causal_block_count(nb)
-    floor = heads * _row_costs(2, nb)
+    floor = heads * grid_cost(2, nb)
     cost = int(keep.sum())
     if budget >= floor:
         assert 0.95 * budget <= cost <= budget
@@ -120,7 +116,7 @@ def test_searched_head_budgets_go_where_the_mass_is_spread():
     searched = select_blocks(scores, 0.2, search_head_budgets=True)
     uniform = select_blocks(scores, 0.2)
     per_head = searched.sum((-1, -2))[0]
-    assert per_head[0] == per_head[1] == _row_costs(2, nb), "local and column heads need only the floor"
+    assert per_head[0] == per_head[1] == grid_cost(2, nb), "local and column heads need only the floor"
     assert per_head[2] > uniform.sum((-1, -2))[0, 2]
     assert searched.sum() <= 0.2 * 3 * causal_block_count(nb)
     assert (scores * searched).sum() > (scores * uniform).sum()
