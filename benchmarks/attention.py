@@ -27,7 +27,7 @@ import _common as common  # noqa: E402
 from sa_compile import SparseConfig, sparse_attention  # noqa: E402
 from sa_compile.flex import causal_mask_mod  # noqa: E402
 from sa_compile.selection import realized_density  # noqa: E402
-from sa_compile.sparse_op import build_block_mask, select_kept_blocks  # noqa: E402
+from sa_compile.sparse_op import build_block_mask, search_blocks  # noqa: E402
 
 CUDA_SHAPE = {"heads": 32, "kv_heads": 8, "head_dim": 128, "dtype": "bfloat16", "lengths": "16k,32k,64k,128k",
               "block_size": 128}
@@ -137,8 +137,8 @@ def sparse_search(config: SparseConfig, device):
 
     def search(q_BHND, k_BGND):
         scale = q_BHND.shape[-1] ** -0.5
-        keep_BHQK = select_kept_blocks(q_BHND, k_BGND, config, scale)
-        block_mask, _ = build_block_mask(keep_BHQK, config.block_size, q_BHND.shape[-2])
+        order_BHQK, count_BHQ = search_blocks(q_BHND, k_BGND, config, scale)
+        block_mask, _ = build_block_mask(order_BHQK, count_BHQ, config.block_size, q_BHND.shape[-2])
         return tuple(getattr(block_mask, f) for f in _MASK_FIELDS)
 
     return _compile(search, device)

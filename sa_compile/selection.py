@@ -28,36 +28,53 @@ def blocks_per_row(num_blocks_, density: float, device) -> torch.Tensor:
     return k.clamp(min=torch.clamp(nb, max=2.0), max=nb).to(torch.int64)
 
 
-def _rank_in_row(scores_BHQK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each block's rank within its row (sink and diagonal first, then by score), and the
-    row's scores sorted in that order."""
-    nb = scores_BHQK.shape[-1]
-    idx = torch.arange(nb, device=scores_BHQK.device)
-    offsets_QK = idx[:, None] - idx[None, :]
-    forced_QK = (offsets_QK == 0) | ((idx[None, :] == 0) & (offsets_QK >= 0))
-    ranked = scores_BHQK.float().masked_fill(offsets_QK < 0, float("-inf"))
-    ranked = ranked.masked_fill(forced_QK, float("inf"))
-    sorted_BHQK, order_BHQK = torch.sort(ranked, dim=-1, descending=True, stable=True)
-    rank_BHQK = torch.empty_like(order_BHQK).scatter_(-1, order_BHQK, idx.expand_as(order_BHQK))
-    return rank_BHQK, sorted_BHQK
+def rank_blocks(scores_BHQK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's blocks in the order they are kept: diagonal, sink, then by score.
 
-
-def select_blocks(scores_BHQK: torch.Tensor, density: float, search_head_budgets: bool = False) -> torch.Tensor:
-    """Keep the top ``min(K, qb+1)`` causal blocks of each row, sink and diagonal first.
-
-    ``K`` is one count for every head, or with ``search_head_budgets`` a count per head from
-    :func:`head_blocks_per_row`, spending the same layer budget where it buys most mass.
-    Returns ``keep_BHQK`` (bool). Every row is non-empty and causal.
+    Blocks above the diagonal come last. Returns ``order_BHQK`` (block indices, int64) and
+    the row's ranking keys in that order (``+inf`` and the largest float for the two forced
+    blocks, ``-inf`` above the diagonal).
     """
     nb = scores_BHQK.shape[-1]
     idx = torch.arange(nb, device=scores_BHQK.device)
-    rank_BHQK, sorted_BHQK = _rank_in_row(scores_BHQK)
+    offsets_QK = idx[:, None] - idx[None, :]
+    ranked = scores_BHQK.float().masked_fill(offsets_QK < 0, float("-inf"))
+    ranked = ranked.masked_fill((idx[None, :] == 0) & (offsets_QK > 0), torch.finfo(torch.float32).max)
+    ranked = ranked.masked_fill(offsets_QK == 0, float("inf"))
+    sorted_BHQK, order_BHQK = torch.sort(ranked, dim=-1, descending=True, stable=True)
+    return order_BHQK, sorted_BHQK
+
+
+def select_block_lists(scores_BHQK: torch.Tensor, density: float,
+                       search_head_budgets: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept blocks of each row as a list: ``order_BHQK[..., :count_BHQ]``.
+
+    Row ``qb`` keeps its top ``min(K, qb + 1)`` causal blocks, diagonal and sink first.
+    ``K`` is one count for every head, or with ``search_head_budgets`` a count per head from
+    :func:`head_blocks_per_row`, spending the same layer budget where it buys most mass.
+    Returns the ranked block indices (int64) and the per-row counts (int64, >= 1).
+    """
+    nb = scores_BHQK.shape[-1]
+    idx = torch.arange(nb, device=scores_BHQK.device)
+    order_BHQK, sorted_BHQK = rank_blocks(scores_BHQK)
     if search_head_budgets:
         k_BH1 = head_blocks_per_row(sorted_BHQK, density)[..., None]
     else:
         k_BH1 = blocks_per_row(nb, density, scores_BHQK.device).expand(*scores_BHQK.shape[:2], 1)
-    k_row_BHQ = torch.minimum(k_BH1, idx + 1)
-    return rank_BHQK < k_row_BHQ[..., None]
+    return order_BHQK, torch.minimum(k_BH1, idx + 1)
+
+
+def keep_mask(order_BHQK: torch.Tensor, count_BHQ: torch.Tensor) -> torch.Tensor:
+    """The kept blocks of :func:`select_block_lists` as a boolean grid ``keep_BHQK``."""
+    nb = order_BHQK.shape[-1]
+    idx = torch.arange(nb, device=order_BHQK.device)
+    rank_BHQK = torch.empty_like(order_BHQK).scatter_(-1, order_BHQK, idx.expand_as(order_BHQK))
+    return rank_BHQK < count_BHQ[..., None]
+
+
+def select_blocks(scores_BHQK: torch.Tensor, density: float, search_head_budgets: bool = False) -> torch.Tensor:
+    """:func:`select_block_lists` as a boolean grid ``keep_BHQK``: every row non-empty and causal."""
+    return keep_mask(*select_block_lists(scores_BHQK, density, search_head_budgets))
 
 
 def grid_cost(k: torch.Tensor, num_blocks_) -> torch.Tensor:
@@ -78,9 +95,10 @@ def head_blocks_per_row(sorted_BHQK: torch.Tensor, density: float, iterations: i
     B, H, nb, _ = sorted_BHQK.shape
     idx = torch.arange(nb, device=sorted_BHQK.device)
     rows_with_step_QK = idx[:, None] >= idx[None, :]  # row qb has a (K+1)-th block when K <= qb
-    gains = torch.where(rows_with_step_QK & torch.isfinite(sorted_BHQK), sorted_BHQK, 0.0)
+    # Steps 0 and 1 (diagonal, sink) are always taken; later steps in non-increasing value.
+    scored_step_QK = rows_with_step_QK & (idx[None, :] >= 2)
+    gains = torch.where(scored_step_QK & torch.isfinite(sorted_BHQK), sorted_BHQK, 0.0)
     per_block_BHK = gains.sum(-2) / (nb - idx).clamp(min=1)
-    # Steps 0 and 1 (sink, diagonal) are always taken; later steps in non-increasing value.
     per_block_BHK = torch.where(idx < 2, float("inf"), per_block_BHK).cummin(-1).values
     budget_B = density * H * causal_block_count(nb)
 
@@ -96,12 +114,6 @@ def head_blocks_per_row(sorted_BHQK: torch.Tensor, density: float, iterations: i
         high = torch.where(fits, mid, high)
         low = torch.where(fits, low, mid)
     return allocation(high)
-
-
-def compact(mask_BHQK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept-block counts and indices (kept first, ascending), as FlexAttention wants them."""
-    order = torch.argsort(mask_BHQK.to(torch.int8), dim=-1, descending=True, stable=True)
-    return mask_BHQK.sum(-1, dtype=torch.int32), order.to(torch.int32)
 
 
 def diagonal_only(batch: int, heads: int, num_blocks_, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,31 +3,24 @@
 Data path for one call, all inside the compiled graph::
 
     q, k ──> templates (vertical-slash from the last queries, pooled block scores)
-         ──> block scores [B, H, nb, nb] ──> budgeted top blocks per row (selection.py)
+         ──> block scores [B, H, nb, nb] ──> ranked blocks and a budgeted count per row (selection.py)
          ──> BlockMask.from_kv_blocks (diagonal partial, the rest full) ──> FlexAttention
 """
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
-import torch.fx.experimental.symbolic_shapes
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 from sa_compile.templates.block_sparse import pooled_block_scores
 from sa_compile.templates.vertical_slash import last_q_attention, vertical_slash_block_scores
 
-from ._log import log_once
 from .config import PatternKind, SparseConfig
 from .flex import causal_mask_mod, causal_valid_mask_mod, flex_attention_traced
-from .selection import compact, diagonal_only, select_blocks
-
-
-# Devices where the sparse path is specialized to each sequence length (see rewritten_sdpa).
-STATIC_LENGTH_DEVICES = {"cuda"}
+from .selection import diagonal_only, keep_mask, select_block_lists
 
 
 def estimate_block_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None):
@@ -41,34 +34,42 @@ def estimate_block_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv
     return scores[0] if len(scores) == 1 else torch.maximum(scores[0], scores[1])
 
 
-def select_kept_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None):
-    """The per-head pattern search: which blocks of the causal grid get computed."""
+def search_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None):
+    """The per-head pattern search: each row's kept blocks, as ``order_BHQK[..., :count_BHQ]``
+    (diagonal first, then the sink, then by score; see :func:`select_block_lists`)."""
     scores_BHQK = estimate_block_scores(q_BHND, k_BGND, config, scale, kv_valid_BN)
-    return select_blocks(scores_BHQK, config.density, config.search_head_budgets)
+    return select_block_lists(scores_BHQK, config.density, config.search_head_budgets)
 
 
-def build_block_mask(keep_BHQK, block_size: int, seq_len, kv_valid_BN=None):
-    """BlockMask over the kept blocks, built from indices (never an N x N evaluation).
+def select_kept_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None):
+    """:func:`search_blocks` as a boolean grid ``keep_BHQK`` (for tests and inspection)."""
+    return keep_mask(*search_blocks(q_BHND, k_BGND, config, scale, kv_valid_BN))
 
-    Off-diagonal kept blocks are full (no mask_mod); the diagonal block, and with key
-    padding any block holding a padded key, is partial and gets the causal mask_mod.
-    Returns the mask and the tensors its mask_mod reads.
+
+def build_block_mask(order_BHQK, count_BHQ, block_size: int, seq_len, kv_valid_BN=None):
+    """BlockMask over the kept blocks, straight from the ranked block lists.
+
+    The diagonal block is partial (the causal mask_mod runs in it); the other kept blocks
+    are full. The lists need no compaction: the diagonal ranks first, so a row's full
+    blocks are ``order_BHQK[..., 1:count_BHQ]``. With key padding every kept block is
+    partial, which the mask_mod makes exact. Returns the mask and the tensors its mask_mod reads.
     """
-    B, H, nb, _ = keep_BHQK.shape
-    idx = torch.arange(nb, device=keep_BHQK.device)
-    off_diagonal_QK = idx[:, None] != idx[None, :]
-    full_BHQK = keep_BHQK & off_diagonal_QK
+    B, H, nb, _ = order_BHQK.shape
+    order_BHQK = order_BHQK.to(torch.int32)
+    count_BHQ = count_BHQ.to(torch.int32)
     if kv_valid_BN is None:
-        partial = diagonal_only(B, H, nb, keep_BHQK.device)
+        partial = diagonal_only(B, H, nb, order_BHQK.device)
+        # Row width stays nb: the wrapped-around last column lies past every row's count.
+        full = (count_BHQ - 1, torch.cat([order_BHQK[..., 1:], order_BHQK[..., :1]], dim=-1))
         mask_mod, buffers = causal_mask_mod, ()
     else:
-        valid_BN = F.pad((kv_valid_BN != 0).to(torch.int8), (0, nb * block_size - seq_len), value=1)
-        block_valid_BK = valid_BN.unflatten(-1, (nb, block_size)).amin(-1).bool()
-        full_BHQK = full_BHQK & block_valid_BK[:, None, None, :]
-        partial = compact(keep_BHQK & ~full_BHQK)
+        partial = (count_BHQ, order_BHQK)
+        # A distinct index buffer: Inductor's CPU FlexAttention template fails to compile
+        # when one tensor is passed as two of its index inputs.
+        full = (torch.zeros_like(count_BHQ), torch.zeros_like(order_BHQK))
         mask_mod, buffers = causal_valid_mask_mod, (kv_valid_BN,)
     block_mask = BlockMask.from_kv_blocks(
-        *partial, *compact(full_BHQK), BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(seq_len, seq_len),
+        *partial, *full, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(seq_len, seq_len),
         compute_q_blocks=False,  # the backward-only transpose; it also trips Inductor under dynamic shapes
     )
     return block_mask, buffers
@@ -78,17 +79,18 @@ def sparse_attention(q_BHND, k_BGND, v_BGND, config: SparseConfig, scale=None, k
     """Causal attention over a per-head, per-input block pattern chosen toward ``config.density``.
 
     ``k``/``v`` may carry fewer heads than ``q`` (GQA). ``kv_valid_BN`` (nonzero = real
-    token) marks key padding. Must run under ``torch.compile``. Example::
+    token) marks key padding. Must run under ``torch.compile``. With ``return_keep`` it also
+    returns the kept blocks as a boolean grid ``keep_BHQK``. Example::
 
         attn = torch.compile(sparse_attention)
         out = attn(q, k, v, SparseConfig(density=0.1, block_size=64))
     """
     N, D = q_BHND.shape[-2:]
     scale = D**-0.5 if scale is None else scale
-    keep_BHQK = select_kept_blocks(q_BHND, k_BGND, config, scale, kv_valid_BN)
-    block_mask, buffers = build_block_mask(keep_BHQK, config.block_size, N, kv_valid_BN)
+    order_BHQK, count_BHQ = search_blocks(q_BHND, k_BGND, config, scale, kv_valid_BN)
+    block_mask, buffers = build_block_mask(order_BHQK, count_BHQ, config.block_size, N, kv_valid_BN)
     out = flex_attention_traced(q_BHND, k_BGND, v_BGND, block_mask, scale, buffers)
-    return (out, keep_BHQK) if return_keep else out
+    return (out, keep_mask(order_BHQK, count_BHQ)) if return_keep else out
 
 
 def dense_causal_attention(q_BHND, k_BGND, v_BGND, scale=None, kv_valid_BN=None):
@@ -114,12 +116,6 @@ def rewritten_sdpa(q_BHND, k_BGND, v_BGND, kv_valid_BN, scale, **config_fields):
     N, D = q_BHND.shape[-2:]
     if N < config.min_seq_len:
         return dense_causal_attention(q_BHND, k_BGND, v_BGND, scale, kv_valid_BN)
-    if q_BHND.device.type in STATIC_LENGTH_DEVICES and not isinstance(N, int):
-        # Inductor's Triton codegen fails on the sparse path with a symbolic length
-        # (CantSplit on ((N + 127)//128)**2 // ((N + 127)//128), torch 2.11, H100), so pin the
-        # length: each new long prompt length compiles once instead of failing.
-        log_once(logging.INFO, "sparse path compiled for one sequence length at a time on %s", q_BHND.device.type)
-        torch.fx.experimental.symbolic_shapes.guard_int(N)
     if scale is not None and not isinstance(scale, (int, float)):
         # A scale only known at run time (a traced module attribute): fold it into q so
         # the kernel keeps a constant scale; multiplying by exactly 1.0 changes nothing.

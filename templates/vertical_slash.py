@@ -39,16 +39,17 @@ def last_q_attention(q_BHND: torch.Tensor, k_BGND: torch.Tensor, last_q: int, sc
 
 
 def vertical_slash_scores(attn_BHLN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column mass ``vertical_BHN[k]`` and diagonal mass ``slash_BHN[d]`` (d = q - k)."""
+    """Column mass ``vertical_BHN[k]`` and diagonal mass ``slash_BHN[d]`` (d = q - k).
+
+    Query ``i`` sits at position ``N - L + i``, so its diagonal ``d`` is key ``N - L + i - d``:
+    a gather whose index is plain arithmetic, which the compiler folds into the reduction
+    (no skewed copy of the attention is made).
+    """
     L, N = attn_BHLN.shape[-2:]
     vertical_BHN = attn_BHLN.sum(-2)
-    # Skew trick: after flipping the key axis, row i's diagonal d sits at column d + L-1-i;
-    # padding each row by L and re-viewing with a row stride one shorter shifts row i right
-    # by i, which lines every diagonal up in one column.
-    flipped_BHLN = attn_BHLN.flip(-1)
-    padded = F.pad(flipped_BHLN, (0, L)).flatten(-2)[..., : L * (N + L - 1)]
-    skewed_BHLM = padded.view(*attn_BHLN.shape[:-2], L, N + L - 1)
-    slash_BHN = skewed_BHLM.sum(-2)[..., L - 1 : L - 1 + N]
+    key_LN = (torch.arange(L, device=attn_BHLN.device) + (N - L))[:, None] - torch.arange(N, device=attn_BHLN.device)
+    on_diagonal_BHLN = attn_BHLN.gather(-1, key_LN.clamp(min=0).expand_as(attn_BHLN))
+    slash_BHN = torch.where(key_LN >= 0, on_diagonal_BHLN, 0.0).sum(-2)
     return vertical_BHN, slash_BHN
 
 

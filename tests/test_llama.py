@@ -124,16 +124,3 @@ def test_min_seq_len_guards_a_dynamic_graph():
         assert (sparse - model(long).logits).abs().max() > 1e-2, "the long prompt did not run sparse"
         torch.testing.assert_close(compiled(_ids(1, 45)).logits, model(_ids(1, 45)).logits, **LOGIT_TOL)
     assert counters["stats"]["unique_graphs"] <= 2
-
-
-def test_lengths_pinned_per_prompt_on_static_length_devices(monkeypatch):
-    """Where the sparse path cannot stay dynamic (CUDA today), each long length compiles once."""
-    from sa_compile import sparse_op
-
-    monkeypatch.setattr(sparse_op, "STATIC_LENGTH_DEVICES", {"cpu"})
-    model = tiny_llama()
-    compiled = _compile(model, FULL, dynamic=True)
-    with torch.no_grad():
-        for length in (70, 90, 70):
-            torch.testing.assert_close(compiled(_ids(1, length)).logits, model(_ids(1, length)).logits, **LOGIT_TOL)
-    assert counters["stats"]["unique_graphs"] == 2

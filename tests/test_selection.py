@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 from sa_compile import SparseConfig
 from sa_compile.selection import (
-    blocks_per_row, causal_block_count, compact, diagonal_only, grid_cost, realized_density, select_blocks,
+    blocks_per_row, causal_block_count, diagonal_only, grid_cost, keep_mask, realized_density, select_block_lists,
+    select_blocks,
 )
 
 
@@ -61,13 +62,22 @@ def test_selection_keeps_the_highest_scoring_blocks(seed, nb):
             assert chosen >= dropped
 
 
-def test_compact_lists_kept_blocks_first_in_ascending_order():
-    mask = torch.tensor([[[[0, 1, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0]]]], dtype=torch.bool)
-    counts, indices = compact(mask)
-    assert counts.tolist() == [[[2, 4, 0]]]
-    assert indices[0, 0, 0, :2].tolist() == [1, 3]
-    assert indices[0, 0, 1].tolist() == [0, 1, 2, 3]
-    assert indices.dtype == torch.int32 and counts.dtype == torch.int32
+@given(nb=st.integers(1, 40), density=st.floats(0.01, 1.0), seed=st.integers(0, 2**16))
+def test_block_lists_rank_diagonal_then_sink_and_match_the_grid(nb, density, seed):
+    scores = torch.rand(2, 3, nb, nb, generator=torch.Generator().manual_seed(seed))
+    order, count = select_block_lists(scores, density)
+    rows = torch.arange(nb)
+    assert torch.equal(order[..., 0], rows.expand(2, 3, nb)), "the diagonal must rank first (it is the partial block)"
+    if nb > 1:
+        assert torch.equal(order[..., 1:, 1], torch.zeros(2, 3, nb - 1, dtype=order.dtype)), "then the sink"
+    assert bool((count >= 1).all()) and bool((count <= rows + 1).all())
+    keep = keep_mask(order, count)
+    assert torch.equal(keep.sum(-1), count)
+    listed = torch.zeros_like(keep)
+    for b, h, qb in torch.cartesian_prod(torch.arange(2), torch.arange(3), rows).tolist():
+        listed[b, h, qb, order[b, h, qb, : count[b, h, qb]]] = True
+    assert torch.equal(listed, keep)
+    assert torch.equal(keep, select_blocks(scores, density))
 
 
 def test_diagonal_only():

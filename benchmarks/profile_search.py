@@ -1,0 +1,154 @@
+"""Where the sparse path's time goes, stage by stage, against cuDNN SDPA on one layer.
+
+Each stage of ``sparse_attention`` is compiled on its own (dynamic shapes, like the model)
+and timed on the previous stage's output, so the stages add up to roughly the fused op:
+
+    last-q attention -> vertical-slash scores ─┐
+    pooled block scores ───────────────────────┴> block selection -> BlockMask build -> kernel
+
+A ``torch.profiler`` pass over the fused op lists its heaviest kernels.
+
+    python benchmarks/profile_search.py                          # CUDA: 32/8 heads, dim 128, 16k-128k
+    python benchmarks/profile_search.py --lengths 1024 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
+import attention  # noqa: E402
+
+from sa_compile import PatternKind, SparseConfig  # noqa: E402
+from sa_compile.selection import select_block_lists  # noqa: E402
+from sa_compile.sparse_op import build_block_mask, estimate_block_scores  # noqa: E402
+from sa_compile.templates.block_sparse import pooled_block_scores  # noqa: E402
+from sa_compile.templates.vertical_slash import last_q_attention, vertical_slash_block_scores  # noqa: E402
+
+
+def stages(config: SparseConfig, device):
+    """Compiled stage functions, each taking what the one before returns."""
+    compile_ = attention._compile
+    bs = config.block_size
+
+    def mask_tensors(lists, n):
+        block_mask, _ = build_block_mask(*lists, bs, n)
+        return tuple(getattr(block_mask, f) for f in attention._MASK_FIELDS)
+
+    return {
+        "last-q attention": compile_(lambda q, k: last_q_attention(q, k, config.last_q, q.shape[-1] ** -0.5), device),
+        "vertical-slash scores": compile_(lambda attn: vertical_slash_block_scores(attn, bs), device),
+        "pooled block scores": compile_(lambda q, k: pooled_block_scores(q, k, bs, q.shape[-1] ** -0.5), device),
+        "estimate (all templates)": compile_(
+            lambda q, k: estimate_block_scores(q, k, config, q.shape[-1] ** -0.5), device),
+        "block selection": compile_(lambda scores: select_block_lists(scores, config.density), device),
+        "BlockMask build": compile_(mask_tensors, device),
+        "search + BlockMask (fused)": attention.sparse_search(config, device),
+    }
+
+
+def top_kernels(fn, device, count: int) -> list[dict]:
+    """The ``count`` kernels with the most device time in one call of ``fn``."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        common.synchronize(device)
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+    return [{"name": e.key[:120], "ms": getattr(e, key) / 1e3, "calls": e.count} for e in events[:count]]
+
+
+def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[dict], list[dict]]:
+    label = common.length_label(n)
+    q, k, v = attention.make_inputs(n, shape, device, args.seed)
+    config = SparseConfig(density=args.density, block_size=args.block_size, min_seq_len=0, pattern=args.pattern)
+    fns = stages(config, device)
+    base_label, dense = attention.dense_sdpa(q, k, v, device, progress.scoped(f"N={label}"))
+    rows = []
+
+    def timed(name, fn):
+        say = progress.scoped(f"N={label} {name}")
+        say("first call (compiles if needed)")
+        out = fn()
+        timing = common.time_fn(fn, device, repeats=args.repeats, warmup=args.warmup)
+        rows.append({"seq_len": n, "stage": name, "ms": timing.median_s * 1e3})
+        return out
+
+    timed(base_label, dense)
+    attn = timed("last-q attention", lambda: fns["last-q attention"](q, k))
+    timed("vertical-slash scores", lambda: fns["vertical-slash scores"](attn))
+    del attn
+    timed("pooled block scores", lambda: fns["pooled block scores"](q, k))
+    scores = timed("estimate (all templates)", lambda: fns["estimate (all templates)"](q, k))
+    lists = timed("block selection", lambda: fns["block selection"](scores))
+    tensors = timed("BlockMask build", lambda: fns["BlockMask build"](lists, n))
+    timed("search + BlockMask (fused)", lambda: fns["search + BlockMask (fused)"](q, k))
+    kernel = attention.flex_kernel(device)
+    mask = attention.as_block_mask(tensors, n, args.block_size)
+    timed("FlexAttention kernel", lambda: kernel(q, k, v, mask))
+    e2e = attention.sparse_end_to_end(config, device)
+    timed("sparse_attention (fused)", lambda: e2e(q, k, v))
+    dense_ms = rows[0]["ms"]
+    for r in rows:
+        r["share_of_dense"] = r["ms"] / dense_ms
+    progress(f"N={label}: profiling the fused op")
+    kernels = [{"seq_len": n} | k_ for k_ in top_kernels(lambda: e2e(q, k, v), device, args.top)]
+    del q, k, v, scores, lists, tensors, mask
+    common.release_cached_memory(device)
+    return rows, kernels
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", help="comma list, 4k style allowed (CUDA: 16k,32k,64k,128k; CPU: 512,1024)")
+    p.add_argument("--density", type=float, default=SparseConfig.density)
+    p.add_argument("--pattern", type=PatternKind, default=SparseConfig.pattern, choices=list(PatternKind),
+                   help="template that scores the blocks (default: %(default)s)")
+    p.add_argument("--block-size", type=int, help="sparse block size (CUDA: 128, CPU: 32)")
+    p.add_argument("--top", type=int, default=12, help="kernels listed per length")
+    common.add_run_arguments(p, repeats=5, warmup=2)
+    args = p.parse_args(argv)
+    common.check_run_arguments(p, args)
+    shape = attention.CUDA_SHAPE if args.device.startswith("cuda") else attention.CPU_SHAPE
+    args.lengths = common.parse_lengths(args.lengths or shape["lengths"])
+    args.block_size = args.block_size or shape["block_size"]
+    return args, shape
+
+
+def main(argv=None) -> None:
+    args, shape = parse_args(argv)
+    device = torch.device(args.device)
+    if not args.warm_caches:
+        common.fresh_compile_caches()
+    progress = common.Progress()
+    rows, kernels = [], []
+    for n in args.lengths:
+        r, k = profile_length(n, args, shape, device, progress)
+        rows += r
+        kernels += k
+    name = "profile_search" + (f"_{args.tag}" if args.tag else "")
+    env = common.environment(device)
+    common.write_json(args.out / f"{name}.json", {
+        "benchmark": "profile_search", "shape": {k: v for k, v in shape.items() if k != "lengths"} | {"batch": 1},
+        "config": SparseConfig(density=args.density, block_size=args.block_size, min_seq_len=0,
+                               pattern=args.pattern).describe(),
+        "environment": env, "timing": {"repeats": args.repeats, "warmup": args.warmup, "statistic": "median"},
+        "stages": rows, "top_kernels": kernels})
+    print(common.markdown_table(["N", "stage", "ms", "share of dense SDPA"],
+                                [[common.length_label(r["seq_len"]), r["stage"], r["ms"], r["share_of_dense"]]
+                                 for r in rows]))
+    print()
+    print(common.markdown_table(["N", "kernel", "ms", "calls"],
+                                [[common.length_label(k["seq_len"]), k["name"], k["ms"], k["calls"]] for k in kernels]))
+    progress(f"wrote {args.out / name}.json")
+
+
+if __name__ == "__main__":
+    main()
