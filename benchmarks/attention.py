@@ -1,6 +1,7 @@
 """One causal attention layer: cuDNN SDPA vs dense FlexAttention vs sa_compile's sparse path.
 
-The sparse path is timed in three pieces on the same inputs: the pattern search with the
+Densities are swept as given (``taper_from=None``: no taper with length). The sparse
+path is timed in three pieces on the same inputs: the pattern search with the
 BlockMask build (one compiled function), the FlexAttention kernel over that precomputed
 BlockMask, and the whole compiled ``sparse_attention`` end to end.
 
@@ -188,7 +189,7 @@ def run_length(n: int, args, shape: dict, device, progress) -> list[dict]:
         say = progress.scoped(f"N={label} {method}")
         say("first call (compiles if needed)")
         row = {"seq_len": n, "method": method, "is_baseline": baseline, "target_density": density,
-               "realized_density": realized_density(n, SparseConfig(density=density, block_size=bs, min_seq_len=0))
+               "realized_density": realized_density(n, SparseConfig(density=density, block_size=bs, min_seq_len=0, taper_from=None))
                if density is not None else 1.0}
         row, out = timed(row, fn, args, device, say)
         if output and out is not None and ref is not None:
@@ -203,7 +204,7 @@ def run_length(n: int, args, shape: dict, device, progress) -> list[dict]:
     dense_mask = causal_block_mask(n, bs, device)
     run("flex dense", lambda: kernel(q, k, v, dense_mask))
     for d in args.densities:
-        config = SparseConfig(density=d, block_size=bs, min_seq_len=0)
+        config = SparseConfig(density=d, block_size=bs, min_seq_len=0, taper_from=None)
         search = sparse_search(config, device)
         tensors = run(f"sparse search d={d:g}", lambda: search(q, k), d, output=False)
         if tensors is not None:
@@ -296,7 +297,7 @@ def main(argv=None) -> None:
         "timing": {"repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
                    "clock": "cuda events" if device.type == "cuda" else "perf_counter",
                    "compile": "torch.compile(fullgraph=True, dynamic=True); compile_s where a length compiled"},
-        "sparse_configs": {f"{d:g}": SparseConfig(density=d, block_size=args.block_size, min_seq_len=0).describe()
+        "sparse_configs": {f"{d:g}": SparseConfig(density=d, block_size=args.block_size, min_seq_len=0, taper_from=None).describe()
                            for d in args.densities},
         "rows": rows,
     }

@@ -68,7 +68,8 @@ def top_kernels(fn, device, count: int) -> list[dict]:
 def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[dict], list[dict]]:
     label = common.length_label(n)
     q, k, v = attention.make_inputs(n, shape, device, args.seed)
-    config = SparseConfig(density=args.density, block_size=args.block_size, min_seq_len=0, pattern=args.pattern)
+    config = SparseConfig(density=args.density, block_size=args.block_size, min_seq_len=0, pattern=args.pattern,
+                            taper_from=None)
     fns = stages(config, device)
     base_label, dense = attention.dense_sdpa(q, k, v, device, progress.scoped(f"N={label}"))
     rows = []
@@ -137,7 +138,7 @@ def main(argv=None) -> None:
     env = common.environment(device)
     common.write_json(args.out / f"{name}.json", {
         "benchmark": "profile_search", "shape": {k: v for k, v in shape.items() if k != "lengths"} | {"batch": 1},
-        "config": SparseConfig(density=args.density, block_size=args.block_size, min_seq_len=0,
+        "config": SparseConfig(density=args.density, block_size=args.block_size, min_seq_len=0, taper_from=None,
                                pattern=args.pattern).describe(),
         "environment": env, "timing": {"repeats": args.repeats, "warmup": args.warmup, "statistic": "median"},
         "stages": rows, "top_kernels": kernels})

@@ -36,6 +36,11 @@ class SparseConfig:
         block_size: side of the square attention blocks the selection works on; also the
             FlexAttention sparse block size.
         min_seq_len: prompts shorter than this stay on dense SDPA.
+        taper_from: past this many tokens each row keeps the number of blocks it keeps at
+            ``taper_from`` tokens, so the computed fraction falls as ``taper_from / N``
+            (``density`` 0.1 at 32K becomes 0.05 at 64K and 0.025 at 128K). Attention
+            mass concentrates as prompts grow, and this keeps the kernel's cost per query
+            constant. ``None`` keeps ``density`` at every length.
         last_q: how many of the last queries estimate the vertical-slash pattern.
         pattern: which template scores the blocks (see :class:`PatternKind`).
         search_head_budgets: share the layer's block budget between its heads by estimated
@@ -51,6 +56,7 @@ class SparseConfig:
     density: float = 0.1
     block_size: int = 128
     min_seq_len: int = 16384
+    taper_from: int | None = 32768
     last_q: int = 64
     pattern: PatternKind = PatternKind.AUTO
     search_head_budgets: bool = False
@@ -62,12 +68,20 @@ class SparseConfig:
                "block_size", self.block_size, f"one of {_SUPPORTED_BLOCK_SIZES}")
         _check(_is_int(self.min_seq_len) and self.min_seq_len >= 0,
                "min_seq_len", self.min_seq_len, "an integer >= 0")
+        _check(self.taper_from is None or (_is_int(self.taper_from) and self.taper_from >= self.block_size),
+               "taper_from", self.taper_from, "None or an integer >= block_size")
         _check(_is_int(self.last_q) and 1 <= self.last_q <= 4096,
                "last_q", self.last_q, "an integer in [1, 4096]")
         _check(isinstance(self.search_head_budgets, bool),
                "search_head_budgets", self.search_head_budgets, "True or False")
         _check(isinstance(self.pattern, PatternKind),
                "pattern", self.pattern, f"a PatternKind ({[k.name for k in PatternKind]})")
+
+    def density_at(self, num_blocks_) -> float:
+        """The fraction of the causal block grid budgeted at ``num_blocks_`` blocks per side."""
+        if self.taper_from is None:
+            return self.density
+        return self.density * min(1.0, (self.taper_from / self.block_size) / num_blocks_)
 
     def describe(self) -> dict:
         """A JSON-ready view, for benchmark records, logs and graph arguments."""

@@ -28,6 +28,15 @@ def blocks_per_row(num_blocks_, density: float, device) -> torch.Tensor:
     return k.clamp(min=torch.clamp(nb, max=2.0), max=nb).to(torch.int64)
 
 
+def tapered_density(density: float, taper_blocks: float | None, num_blocks_, device) -> torch.Tensor | float:
+    """``density`` scaled by ``min(1, taper_blocks / nb)`` as a 0-d tensor: the in-graph form
+    of :meth:`SparseConfig.density_at` (a symbolic ``nb`` adds no shape guard)."""
+    if taper_blocks is None:
+        return density
+    nb = torch.full((), num_blocks_, dtype=torch.float64, device=device)
+    return density * torch.clamp(taper_blocks / nb, max=1.0)
+
+
 def rank_blocks(scores_BHQK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row's blocks in the order they are kept: diagonal, sink, then by score.
 
@@ -45,14 +54,15 @@ def rank_blocks(scores_BHQK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order_BHQK, sorted_BHQK
 
 
-def select_block_lists(scores_BHQK: torch.Tensor, density: float,
+def select_block_lists(scores_BHQK: torch.Tensor, density,
                        search_head_budgets: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept blocks of each row as a list: ``order_BHQK[..., :count_BHQ]``.
 
     Row ``qb`` keeps its top ``min(K, qb + 1)`` causal blocks, diagonal and sink first.
     ``K`` is one count for every head, or with ``search_head_budgets`` a count per head from
     :func:`head_blocks_per_row`, spending the same layer budget where it buys most mass.
-    Returns the ranked block indices (int64) and the per-row counts (int64, >= 1).
+    ``density`` is a number or a 0-d tensor. Returns the ranked block indices (int64) and
+    the per-row counts (int64, >= 1).
     """
     nb = scores_BHQK.shape[-1]
     idx = torch.arange(nb, device=scores_BHQK.device)
@@ -128,12 +138,13 @@ def realized_density(seq_len: int, config) -> float:
     """Fraction of the causal block grid the sparse path computes at ``seq_len`` tokens.
 
     Exact, not an estimate: every row keeps ``min(K, qb + 1)`` blocks whatever the input.
-    Returns 1.0 below ``config.min_seq_len``, where attention stays dense. With
+    Returns 1.0 below ``config.min_seq_len``, where attention stays dense. The budget is
+    ``config.density_at(nb)`` (it tapers past ``config.taper_from``). With
     ``search_head_budgets`` the split between heads depends on the input and this is the
     uniform split's total, which the searched split never exceeds by more than the floor.
     """
     if seq_len < config.min_seq_len:
         return 1.0
     nb = -(-seq_len // config.block_size)
-    k = int(blocks_per_row(nb, config.density, "cpu"))
+    k = int(blocks_per_row(nb, config.density_at(nb), "cpu"))
     return grid_cost(k, nb) / causal_block_count(nb)

@@ -20,7 +20,7 @@ from sa_compile.templates.vertical_slash import last_q_attention, vertical_slash
 
 from .config import PatternKind, SparseConfig
 from .flex import causal_mask_mod, causal_valid_mask_mod, flex_attention_traced
-from .selection import diagonal_only, keep_mask, select_block_lists
+from .selection import diagonal_only, keep_mask, select_block_lists, tapered_density
 
 
 def estimate_block_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None):
@@ -38,7 +38,9 @@ def search_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_B
     """The per-head pattern search: each row's kept blocks, as ``order_BHQK[..., :count_BHQ]``
     (diagonal first, then the sink, then by score; see :func:`select_block_lists`)."""
     scores_BHQK = estimate_block_scores(q_BHND, k_BGND, config, scale, kv_valid_BN)
-    return select_block_lists(scores_BHQK, config.density, config.search_head_budgets)
+    taper_blocks = None if config.taper_from is None else config.taper_from / config.block_size
+    density = tapered_density(config.density, taper_blocks, scores_BHQK.shape[-1], scores_BHQK.device)
+    return select_block_lists(scores_BHQK, density, config.search_head_budgets)
 
 
 def select_kept_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None):

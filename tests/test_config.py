@@ -10,7 +10,7 @@ from sa_compile import PatternKind, SparseConfig
     [
         ("density", 0.0), ("density", 1.5), ("density", "0.1"), ("block_size", 100), ("block_size", 8),
         ("min_seq_len", -1), ("min_seq_len", 1.5), ("last_q", 0), ("last_q", 10_000), ("pattern", "auto"),
-        ("search_head_budgets", 1),
+        ("search_head_budgets", 1), ("taper_from", 64), ("taper_from", 4096.0),
     ],
 )
 def test_bad_values_raise_value_error_naming_the_field(field, value):
@@ -21,13 +21,20 @@ def test_bad_values_raise_value_error_naming_the_field(field, value):
 def test_defaults_and_description():
     cfg = SparseConfig()
     assert cfg.describe() == {
-        "density": 0.1, "block_size": 128, "min_seq_len": 16384, "last_q": 64, "pattern": "auto",
-        "search_head_budgets": False,
+        "density": 0.1, "block_size": 128, "min_seq_len": 16384, "taper_from": 32768, "last_q": 64,
+        "pattern": "auto", "search_head_budgets": False,
     }
     assert SparseConfig(pattern=PatternKind.VERTICAL_SLASH).describe()["pattern"] == "vertical_slash"
-    odd = SparseConfig(density=0.3, block_size=32, min_seq_len=7, last_q=9, pattern=PatternKind.BLOCK_SPARSE,
-                       search_head_budgets=True)
+    odd = SparseConfig(density=0.3, block_size=32, min_seq_len=7, taper_from=None, last_q=9,
+                       pattern=PatternKind.BLOCK_SPARSE, search_head_budgets=True)
     assert SparseConfig.from_fields(odd.describe()) == odd
+
+
+def test_density_tapers_past_taper_from():
+    cfg = SparseConfig(density=0.1, block_size=128, taper_from=32768)
+    assert cfg.density_at(128) == 0.1 and cfg.density_at(256) == 0.1
+    assert cfg.density_at(512) == pytest.approx(0.05) and cfg.density_at(1024) == pytest.approx(0.025)
+    assert SparseConfig(density=0.1, taper_from=None).density_at(1024) == 0.1
 
 
 def test_config_is_frozen():

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from sa_compile import SparseConfig
 from sa_compile.selection import (
     blocks_per_row, causal_block_count, diagonal_only, grid_cost, keep_mask, realized_density, select_block_lists,
-    select_blocks,
+    select_blocks, tapered_density,
 )
 
 
@@ -84,6 +84,24 @@ def test_diagonal_only():
     counts, indices = diagonal_only(1, 2, 5, "cpu")
     assert counts.tolist() == [[[1] * 5] * 2]
     assert indices[0, 1, :, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+@given(n=st.integers(1, 8192), block=st.sampled_from([16, 32, 64]), taper=st.sampled_from([None, 256, 1024]),
+       density=st.floats(0.01, 1.0))
+def test_in_graph_budget_matches_realized_density(n, block, taper, density):
+    """The count the graph computes (tensor math, symbolic nb) is the one the records report."""
+    cfg = SparseConfig(density=density, block_size=block, min_seq_len=0, taper_from=taper)
+    nb = -(-n // block)
+    taper_blocks = None if taper is None else taper / block
+    k = int(blocks_per_row(nb, tapered_density(density, taper_blocks, nb, "cpu"), "cpu"))
+    assert grid_cost(k, nb) / causal_block_count(nb) == realized_density(n, cfg)
+
+
+def test_taper_keeps_the_blocks_per_row_past_taper_from():
+    cfg = SparseConfig(density=0.1, block_size=16, min_seq_len=0, taper_from=1024)
+    k_at = [int(blocks_per_row(nb, cfg.density_at(nb), "cpu")) for nb in (64, 128, 256, 512)]
+    assert max(k_at) - min(k_at) <= 1, k_at
+    assert realized_density(8192, cfg) < realized_density(4096, cfg) < realized_density(1024, cfg)
 
 
 def test_realized_density_is_dense_below_min_seq_len():

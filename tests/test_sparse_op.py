@@ -1,11 +1,14 @@
 """The compiled sparse op against dense references: full budget, same-mask, needles."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sa_compile import PatternKind, SparseConfig, sparse_attention
+from sa_compile.selection import causal_block_count, realized_density
 from sa_compile.sparse_op import select_kept_blocks
 
 from .helpers import BLOCK, DEVICES, assert_close, attention_inputs, dense_reference, masked_reference, token_mask
@@ -64,6 +67,18 @@ def test_sparse_output_equals_dense_attention_under_the_same_block_mask(
     assert_close(out, reference)
     if not torch.equal(keep, torch.ones_like(keep).tril()):
         assert (out.double() - dense_reference(q, k, v)).abs().max() > 1e-4, "sparsity had no effect"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_budget_follows_the_taper(device):
+    block = BLOCK[device]
+    seq_len, nb = block * 12 + 5, 13
+    cfg = SparseConfig(density=0.5, block_size=block, min_seq_len=0, taper_from=block * 4)
+    q, k, v = attention_inputs(1, 1, 4, 2, seq_len, 16, torch.float32, device)
+    _, keep = compiled_op(True)(q, k, v, cfg, return_keep=True)
+    computed = keep.sum().item() / (4 * causal_block_count(nb))
+    assert computed == pytest.approx(realized_density(seq_len, cfg), abs=1e-12)
+    assert realized_density(seq_len, cfg) < realized_density(seq_len, replace(cfg, taper_from=None))
 
 
 @pytest.mark.parametrize("device", DEVICES)
