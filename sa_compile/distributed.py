@@ -87,7 +87,8 @@ def tensor_parallel(model, mesh, *, src_data_rank: int | None = 0):
             rank's own weights and communicates nothing: then they must already agree.
 
     Raises ``ValueError`` when the query heads, the key/value heads or the MLP's
-    intermediate size do not divide by the mesh size. Use ``DynamicCache`` (the default)
+    intermediate size do not divide by the mesh size (and ``TypeError`` for a model that
+    is not a ``LlamaForCausalLM``). Use ``DynamicCache`` (the default)
     for generation: a ``StaticCache`` built from the config would be sized for all heads.
 
     Example::
@@ -99,10 +100,10 @@ def tensor_parallel(model, mesh, *, src_data_rank: int | None = 0):
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     _check_model(model, mesh)
-    plan = {f"model.layers.*.{path}": ColwiseParallel() for path in _COLWISE}
-    plan.update({f"model.layers.*.{path}": RowwiseParallel() for path in _ROWWISE})
-    # Local outputs (use_local_output=True, the default): HF's view(*shape, -1, head_dim)
-    # then counts local heads, and the graph around SDPA holds plain tensors.
+    # Local outputs: HF's view(*shape, -1, head_dim) then counts local heads, and the graph
+    # around SDPA holds plain tensors.
+    plan = {f"model.layers.*.{path}": ColwiseParallel(use_local_output=True) for path in _COLWISE}
+    plan.update({f"model.layers.*.{path}": RowwiseParallel(use_local_output=True) for path in _ROWWISE})
     parallelize_module(model, mesh, plan, src_data_rank=src_data_rank)
     if src_data_rank is not None:
         _broadcast_replicated(model, mesh, src_data_rank)
