@@ -186,13 +186,15 @@ def free_memory(device: torch.device) -> None:
 
 
 class Progress:
-    """One line per step on stderr, with the seconds since the script started."""
+    """One line per step on stderr, with the seconds since the script started (none if not ``enabled``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self.start = time.perf_counter()
+        self.enabled = enabled
 
     def __call__(self, message: str) -> None:
-        print(f"[{time.perf_counter() - self.start:8.1f}s] {message}", file=sys.stderr, flush=True)
+        if self.enabled:
+            print(f"[{time.perf_counter() - self.start:8.1f}s] {message}", file=sys.stderr, flush=True)
 
     def scoped(self, prefix: str) -> Callable[[str], None]:
         return lambda message: self(f"{prefix}: {message}")

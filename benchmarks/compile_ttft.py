@@ -7,6 +7,11 @@ reported apart from the steady-state median.
 
     python benchmarks/compile_ttft.py                                   # tiny model, CPU ok
     python benchmarks/compile_ttft.py --model llama-3.1-8b --lengths 16k,32k,64k,128k
+    torchrun --nproc-per-node 2 benchmarks/compile_ttft.py --tp 2       # heads sharded over 2 devices
+
+With ``--tp``, every system runs on the model sharded by ``sa_compile.tensor_parallel``
+(one process per device; nccl on CUDA, gloo on CPU); rank 0 prints and writes, and the
+peak memory of every device is reported.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
+import _parallel as parallel  # noqa: E402
 
 import sa_compile  # noqa: E402
 from sa_compile.selection import realized_density  # noqa: E402
@@ -266,15 +272,23 @@ def growth_gradients(rows: list[dict]) -> dict:
     return gradients
 
 
+def _peak_cell(row: dict):
+    per_device = row.get("peak_gib_per_device")
+    if per_device is None or all(p is None for p in per_device):
+        return row.get("peak_gib")
+    return " / ".join(common.fmt(p) for p in per_device)
+
+
 def table(rows: list[dict], summary: dict) -> str:
+    per_device = any(r.get("peak_gib_per_device") for r in rows)
     headers = ["system", "N", "TTFT (s)", "speedup vs eager", "compile (s)", "graphs", "SDPA rewritten",
-               "attn density", "peak GiB", "max |Δlogit|"]
+               "attn density", "peak GiB per device" if per_device else "peak GiB", "max |Δlogit|"]
     body = []
     for r in rows:
         first = summary[r["system"]]["first_compile_len"] == r["seq_len"]
         compile_cell = r.get("compile_s") if first else (f"re: {r['compile_s']:.3g}" if r.get("compile_s") else None)
         body.append([r["system"], common.length_label(r["seq_len"]), r["ttft_s"], r["speedup_vs_eager"],
-                     compile_cell, r.get("new_graphs"), r["sdpa_rewritten"], r["density"], r.get("peak_gib"),
+                     compile_cell, r.get("new_graphs"), r["sdpa_rewritten"], r["density"], _peak_cell(r),
                      r["max_abs_logit_diff_vs_eager"]])
     return common.markdown_table(headers, body)
 
@@ -309,8 +323,10 @@ def parse_args(argv=None):
     p.add_argument("--dynamic", choices=("auto", "true", "false"), default="auto",
                    help="torch.compile(dynamic=...) for the compiled systems (auto: None, the default)")
     common.add_run_arguments(p, repeats=3, warmup=1)
+    parallel.add_arguments(p)
     args = p.parse_args(argv)
     common.check_run_arguments(p, args)
+    parallel.check_arguments(p, args)
     if args.model != "tiny" and not args.device.startswith("cuda"):
         p.error("llama-3.1-8b needs a CUDA device")
     args.dynamic = {"auto": None, "true": True, "false": False}[args.dynamic]
@@ -331,8 +347,11 @@ def sparse_base_config(args) -> sa_compile.SparseConfig:
     return sa_compile.SparseConfig(block_size=block, min_seq_len=floor)
 
 
-def make_record(args, model, dtype, build_s, systems, rows, device) -> dict:
-    """Everything a reader needs beside the numbers: model, versions, configs, timing method."""
+def make_record(args, model, dtype, build_s, systems, rows, device, extra=None) -> dict:
+    """Everything a reader needs beside the numbers: model, versions, configs, timing method.
+
+    ``extra``: entries only some runs have (``tensor_parallel``, ``memory_cap``), at the end.
+    """
     return {
         "benchmark": "compile_ttft", "model": args.model, "dtype": str(dtype), "build_s": build_s,
         "model_config": {k: getattr(model.config, k) for k in (
@@ -343,11 +362,15 @@ def make_record(args, model, dtype, build_s, systems, rows, device) -> dict:
                    "clock": "cuda events" if device.type == "cuda" else "perf_counter"},
         "sparse_configs": {s.name: s.sparse.describe() for s in systems if s.sparse is not None},
         "compile": compile_summary(rows), "ttft_growth_64k_to_128k": growth_gradients(rows), "rows": rows,
+        **(extra or {}),
     }
 
 
 def print_report(record: dict) -> None:
     rows, summary, gradients = record["rows"], record["compile"], record["ttft_growth_64k_to_128k"]
+    if "tensor_parallel" in record:
+        tp = record["tensor_parallel"]
+        print(f"Tensor parallel over {tp['tp']} devices ({tp['backend']}): {', '.join(tp['devices'])}\n")
     print(table(rows, summary))
     print()
     print(common.markdown_table(["system", "first compile at", "compile (s)", "recompiles", "compiled at", "graphs"], [
@@ -365,39 +388,51 @@ def print_report(record: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device, group, extra = parallel.setup(args)
+    lead = group is None or group.lead  # the one process that prints and writes
     if not args.warm_caches:
         common.fresh_compile_caches()
-    progress = common.Progress()
+    progress = common.Progress(enabled=lead)
     systems = make_systems(args, sparse_base_config(args))
     progress(f"building {args.model} on {device}")
     start = time.perf_counter()
     model, dtype = build_model(args.model, device, max(args.lengths))
+    if group is not None:
+        model = sa_compile.tensor_parallel(model, group.mesh)
+        extra["tensor_parallel"] = parallel.describe(group, device)
     build_s = time.perf_counter() - start
     progress(f"built in {build_s:.1f}s ({sum(p.numel() for p in model.parameters()) / 1e9:.3g}B params, {dtype})")
     # Seeded per length, so a prompt does not depend on which other lengths were asked for.
     ids_by_len = {n: torch.randint(0, model.config.vocab_size, (1, n),
                                    generator=torch.Generator().manual_seed(args.seed + n)).to(device)
                   for n in args.lengths}
-    name = f"ttft_{args.model}" + (f"_{args.tag}" if args.tag else "")
+    name = f"ttft_{args.model}" + (f"_tp{args.tp}" if args.tp else "") + (f"_{args.tag}" if args.tag else "")
     finished = []
 
     def save_partial(row):
+        if group is not None:
+            parallel.annotate_row(row)  # every rank, in step
+        if not lead:
+            return
         # A run killed at a time limit still leaves every finished row behind.
         finished.append(row)
-        record = make_record(args, model, dtype, build_s, systems, finished, device)
+        record = make_record(args, model, dtype, build_s, systems, finished, device, extra)
         common.write_json(args.out / f"{name}.partial.json", record)
 
     rows = []
     for system in systems:
         rows += run_system(system, model, ids_by_len, args, device, progress, on_row=save_partial)
     add_comparisons(rows)
-    record = make_record(args, model, dtype, build_s, systems, rows, device)
-    common.write_json(args.out / f"{name}.json", record)
-    (args.out / f"{name}.partial.json").unlink(missing_ok=True)
-    plot(args.out / f"{name}.png", rows, f"{args.model} prefill TTFT on {record['environment']['device']}")
-    print_report(record)
-    progress(f"wrote {args.out / name}.json and .png")
+    if lead:
+        record = make_record(args, model, dtype, build_s, systems, rows, device, extra)
+        common.write_json(args.out / f"{name}.json", record)
+        (args.out / f"{name}.partial.json").unlink(missing_ok=True)
+        where = record["environment"]["device"] + (f" x{args.tp}, tensor parallel" if args.tp else "")
+        plot(args.out / f"{name}.png", rows, f"{args.model} prefill TTFT on {where}")
+        print_report(record)
+        progress(f"wrote {args.out / name}.json and .png")
+    if group is not None:
+        parallel.finish()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ _EXPORTS = {
     "PatternKind": "sa_compile.config",
     "SparseConfig": "sa_compile.config",
     "sparse_attention": "sa_compile.sparse_op",
+    "tensor_parallel": "sa_compile.distributed",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -59,16 +59,17 @@ def sqnr_db(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return float(10 * torch.log10(reference.double().pow(2).mean() / noise))
 
 
-def tiny_llama(head_dim: int = 16, layers: int = 2, dtype=torch.float32, seed: int = 0):
-    """A random GQA Llama small enough to compile in seconds on a CPU."""
+def tiny_llama(head_dim: int = 16, layers: int = 2, dtype=torch.float32, seed: int = 0, **config_overrides):
+    """A random GQA Llama (4 query heads, 2 key/value heads) small enough to compile in seconds on a CPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    fields = dict(
         hidden_size=4 * head_dim, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024, attn_implementation="sdpa",
+        num_key_value_heads=2, head_dim=head_dim, vocab_size=128, max_position_embeddings=1024,
+        attn_implementation="sdpa",
     )
-    return LlamaForCausalLM(config).to(dtype).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **config_overrides})).to(dtype).eval()
 
 
 def attention_inputs(seed: int, batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, dtype,
