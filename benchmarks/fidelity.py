@@ -125,11 +125,12 @@ def passkey_cases(num_tokens: int, cases: int) -> list[tuple[float, int]]:
 def prefill(model, ids):
     """The one forward call used for every prompt: all logits and the KV cache.
 
-    Contiguous ids: a slice of the long text has another stride than a built prompt, and a
-    compiled model would recompile for it.
+    The ids are copied to fresh row-major strides: a slice of the long text keeps the text's
+    row stride (``contiguous()`` leaves a one-row view as it is), and a compiled model would
+    recompile for a built prompt's stride.
     """
     with torch.inference_mode():
-        return model(ids.contiguous(), use_cache=True)
+        return model(ids.clone(memory_format=torch.contiguous_format), use_cache=True)
 
 
 def greedy_continuation(prefill_model, decode_model, ids, steps: int) -> torch.Tensor:

@@ -116,3 +116,17 @@ def test_real_model_full_density_matches_dense():
         actual = compiled(ids).logits
     assert torch._dynamo.utils.counters["sa_compile"]["rewritten"] == model.config.num_hidden_layers
     torch.testing.assert_close(actual, expected, atol=2e-4, rtol=2e-4)
+
+
+def test_prefill_hands_the_model_row_major_ids():
+    """A one-row slice of the long text keeps the text's row stride, which made a compiled
+    model recompile for the passkey prompts of the same length; prefill copies it."""
+    seen = []
+
+    def model(ids, use_cache):
+        seen.append(ids.stride())
+
+    text = torch.zeros(1, 500, dtype=torch.long)
+    fidelity.prefill(model, text[:, :64])
+    fidelity.prefill(model, torch.tensor([list(range(64))]))
+    assert seen == [(64, 1), (64, 1)]
