@@ -102,7 +102,7 @@ def selection_block_mask(keep_BHQK: torch.Tensor, block_size: int, seq_len: int)
     diagonal_QK = idx[:, None] == idx[None, :]
     partial, full = compact(keep_BHQK & diagonal_QK), compact(keep_BHQK & ~diagonal_QK)
     return BlockMask.from_kv_blocks(*partial, *full, BLOCK_SIZE=block_size, mask_mod=causal_mask_mod,
-                                    seq_lengths=(seq_len, seq_len), compute_q_blocks=False)
+                                    seq_lengths=(seq_len, seq_len))
 
 
 def recall_summary(recall_BH: torch.Tensor) -> dict:
