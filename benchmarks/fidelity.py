@@ -298,8 +298,8 @@ def main(argv=None) -> None:
     if not all(0 <= i < model.config.num_hidden_layers for i in args.recall_layers):
         raise SystemExit(f"--recall-layers must lie in [0, {model.config.num_hidden_layers})")
     rows = evaluate(args, model, tokenizer, text_ids, device, progress)
-    record = {"benchmark": "fidelity", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF)", "text": str(args.text or "licenses"),
-              "environment": common.environment(device), "block_size": args.block_size,
+    record = {"benchmark": "fidelity", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF)",
+              "text": str(args.text or "licenses"), "environment": common.environment(device), "block_size": args.block_size,
               "recall_layers": args.recall_layers, "passkey": {"cases": args.passkeys, "decode_steps": DECODE_STEPS,
                                                               "filler": FILLER, "question": QUESTION},
               "rows": rows}

@@ -13,8 +13,8 @@ GPU) with planted sinks, heavy columns, a RoPE local band and two lookups
 
 The true block mass is computed in float32 one chunk of query rows at a time (never N x N).
 
-    python benchmarks/structured.py --out /tmp/structured          # GPU: 32K, 64K, 128K, about 2-3 minutes on an H100
-    python benchmarks/structured.py --lengths 2k --densities 0.1   # CPU: 2K and 4K by default, float32, block 64
+    python benchmarks/structured.py --out results/   # GPU: 32K, 64K, 128K, bf16, block 128 (minutes, compiles included)
+    python benchmarks/structured.py                  # CPU: 2K and 4K, float32, block 64 (about a minute)
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -84,7 +85,7 @@ def measure_density(density, q, k, v, mass, dense, args, ops, say) -> tuple[dict
     """The search and the oracle at one density; returns the row and seconds spent compiling."""
     n, bs = q.shape[-2], args.block_size
     cfg = SparseConfig(density=density, block_size=bs, min_seq_len=0)
-    (out, keep), compile_s = timed_call(lambda: ops.sparse(q, k, v, cfg, return_keep=True), q.device, say,
+    (out, keep), compile_s = timed_call(partial(ops.sparse, q, k, v, cfg, return_keep=True), q.device, say,
                                         "sparse op")
     search = _side(rel_error_per_head(out, dense), block_recall(mass, keep))
     del out
@@ -93,7 +94,7 @@ def measure_density(density, q, k, v, mass, dense, args, ops, say) -> tuple[dict
     if not torch.equal(best.sum(-1), counts_BHQ):
         raise RuntimeError("the oracle kept a different number of blocks than the search")
     mask = selection_block_mask(best, bs, n)
-    oracle_out, more = timed_call(lambda: ops.flex(q, k, v, mask), q.device, say, "oracle flex")
+    oracle_out, more = timed_call(partial(ops.flex, q, k, v, mask), q.device, say, "oracle flex")
     oracle = _side(rel_error_per_head(oracle_out, dense), block_recall(mass, best))
     err_ratio_H = torch.tensor(search["rel_err_H"]) / torch.tensor(oracle["rel_err_H"]).clamp(min=1e-12)
     row = {"seq_len": n, "density": density, "realized_density": realized_density(n, cfg), "search": search,
@@ -116,13 +117,12 @@ def measure_length(n: int, args, ops, device, progress) -> tuple[list[dict], dic
     sdpa_label, sdpa = dense_sdpa(q, k, v, device, say)
     dense, _ = timed_call(sdpa, device, say, sdpa_label)
     scale = args.head_dim**-0.5
-    mass, _ = timed_call(lambda: true_block_mass(q, k, args.block_size, scale, int(args.chunk_gib * 2**30)),
+    mass, _ = timed_call(partial(true_block_mass, q, k, args.block_size, scale, int(args.chunk_gib * 2**30)),
                          device, say, "true block mass (chunked, float32)")
-    full = torch.ones_like(mass, dtype=torch.bool).tril()
-    floor_out, compile_s = timed_call(lambda: ops.flex(q, k, v, selection_block_mask(full, args.block_size, n)),
-                                      device, say, "dense flex (error floor)")
+    full_mask = selection_block_mask(torch.ones_like(mass, dtype=torch.bool).tril(), args.block_size, n)
+    floor_out, compile_s = timed_call(partial(ops.flex, q, k, v, full_mask), device, say, "dense flex (error floor)")
     floor = float(rel_error_per_head(floor_out, dense)[-1])
-    del floor_out, full
+    del floor_out, full_mask
     rows = []
     for density in args.densities:
         row, more = measure_density(density, q, k, v, mass, dense, args, ops, progress.scoped(f"N={label} d={density}"))
