@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import sa_compile
 from sa_compile import SparseConfig
+
+from .helpers import tiny_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import fidelity  # noqa: E402
@@ -38,16 +41,68 @@ def test_metrics_on_a_known_case():
     assert m["kl"] == pytest.approx(float(kl_row0) / 2)
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    return fidelity.load_tokenizer()
+
+
 @needs_model
-def test_passkey_prompt_hides_the_key_at_the_depth_asked():
-    _, tokenizer = fidelity.load_model()
-    for depth in (0.0, 0.5, 1.0):
-        ids = fidelity.passkey_prompt(tokenizer, 400, depth, 12345)
-        text = tokenizer.decode(ids[0])
-        assert abs(ids.shape[1] - 400) <= 8
-        at = text.index("The pass key is 12345") / len(text)
-        assert abs(at - depth * 0.9) < 0.15, (depth, at)
-        assert text.endswith("What is the pass key? The pass key is")
+def test_passkey_prompt_has_the_exact_length_and_hides_the_key_at_the_depth_asked(tokenizer):
+    for length in (300, 401):
+        for depth in (0.0, 0.3, 0.5, 1.0):
+            ids = fidelity.passkey_prompt(tokenizer, length, depth, 12345)
+            text = tokenizer.decode(ids[0])
+            assert ids.shape == (1, length)
+            at = text.index("The pass key is 12345") / len(text)
+            assert abs(at - depth * 0.85) < 0.1, (depth, at)
+            assert text.endswith("What is the pass key? The pass key is")
+    with pytest.raises(ValueError, match="no room"):
+        fidelity.passkey_prompt(tokenizer, 30, 0.5, 12345)
+
+
+def test_passkey_cases_spread_depths_from_start_to_end_and_repeat():
+    cases = fidelity.passkey_cases(2048, 20)
+    depths = [d for d, _ in cases]
+    assert len(cases) == 20 and depths[0] == 0.0 and depths[-1] == 1.0 and depths == sorted(depths)
+    assert cases == fidelity.passkey_cases(2048, 20) and cases != fidelity.passkey_cases(4096, 20)
+    assert all(10000 <= key <= 99999 for _, key in cases)
+
+
+def test_greedy_continuation_equals_greedy_generate():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 40:]
+    assert torch.equal(fidelity.greedy_continuation(model, model, ids, 6), expected)
+
+
+def test_check_sparse_refuses_a_run_that_left_attention_dense():
+    config = tiny_llama().config  # 2 layers
+    counters["sa_compile"]["rewritten"] += 2
+    assert fidelity.check_sparse(config) == {"rewritten": 2}
+    counters["sa_compile"]["skipped"] += 1
+    with pytest.raises(RuntimeError, match="did not replace every attention layer"):
+        fidelity.check_sparse(config)
+    counters.clear()
+    with pytest.raises(RuntimeError):
+        fidelity.check_sparse(config)  # nothing compiled: a dense run
+
+
+def test_captured_q_and_k_give_the_layers_own_attention():
+    """q, k read off the attention inputs reproduce the attention weights the layer computes."""
+    model = tiny_llama()
+    model.config._attn_implementation = "eager"
+    ids = torch.randint(0, 128, (1, 50), generator=torch.Generator().manual_seed(1))
+    logits, captured = fidelity.capture_qk(model, ids, [0, 1])
+    with torch.inference_mode():
+        out = model(ids, output_attentions=True)
+    torch.testing.assert_close(logits, out.logits[0, :-1])
+    for layer, (q, k) in captured.items():
+        assert q.shape == (1, 4, 50, 16) and k.shape == (1, 2, 50, 16)
+        logits_HNN = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 16**-0.5
+        causal = torch.ones(50, 50, dtype=torch.bool).tril()
+        probs = torch.softmax(logits_HNN.masked_fill(~causal, float("-inf")), -1)
+        torch.testing.assert_close(probs, out.attentions[layer], atol=1e-5, rtol=1e-5)
 
 
 @needs_model
@@ -61,3 +116,17 @@ def test_real_model_full_density_matches_dense():
         actual = compiled(ids).logits
     assert torch._dynamo.utils.counters["sa_compile"]["rewritten"] == model.config.num_hidden_layers
     torch.testing.assert_close(actual, expected, atol=2e-4, rtol=2e-4)
+
+
+def test_prefill_hands_the_model_row_major_ids():
+    """A one-row slice of the long text keeps the text's row stride, which made a compiled
+    model recompile for the passkey prompts of the same length; prefill copies it."""
+    seen = []
+
+    def model(ids, use_cache):
+        seen.append(ids.stride())
+
+    text = torch.zeros(1, 500, dtype=torch.long)
+    fidelity.prefill(model, text[:, :64])
+    fidelity.prefill(model, torch.tensor([list(range(64))]))
+    assert seen == [(64, 1), (64, 1)]

@@ -1,0 +1,110 @@
+"""Attention recall: how much of dense attention's mass a block selection keeps, and the oracle.
+
+The true mass of a block is the causal softmax attention of its queries summed over its keys
+(float32, from the real q and k). Recall of a selection is the kept share of all that mass;
+every query carries mass 1, so recall is the mean kept fraction over queries. The oracle keeps,
+in every query-block row, the blocks holding the most true mass at the same per-row counts as
+the selection it is compared with: no selection of those counts keeps more.
+
+    mass_BHQK = true_block_mass(q_BHND, k_BGND, block_size=64, scale=64**-0.5)
+    recall_BH = block_recall(mass_BHQK, keep_BHQK)
+    best_BH = block_recall(mass_BHQK, oracle_keep(mass_BHQK, keep_BHQK.sum(-1)))
+
+Never N x N: the mass is built one chunk of query rows at a time, and only ``[B, H, nb, nb]``
+tensors are kept.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
+
+from sa_compile.flex import causal_mask_mod
+from sa_compile.selection import compact
+
+
+def _chunk_rows(batch: int, heads: int, seq_len: int, block_size: int, chunk_bytes: int) -> int:
+    """Query rows per chunk: a multiple of the block whose float32 logits fit ``chunk_bytes``."""
+    rows = chunk_bytes // (4 * batch * heads * seq_len)
+    return max(block_size, rows // block_size * block_size)
+
+
+def _chunk_block_mass(q_BHCD, k_BGND, start: int, block_size: int, scale: float) -> torch.Tensor:
+    """Block mass ``[B, H, C / block, nb_visible]`` of query rows ``start .. start + C``."""
+    B, H, C, D = q_BHCD.shape
+    G = k_BGND.shape[1]
+    end = start + C
+    k_BGMD = k_BGND[:, :, :end].float()  # keys past the chunk's last query are all masked
+    logits = torch.matmul(q_BHCD.float().reshape(B, G, (H // G) * C, D), k_BGMD.transpose(-1, -2))
+    logits_BHCM = logits.view(B, H, C, end) * scale
+    q_pos_C = torch.arange(start, end, device=q_BHCD.device)
+    hidden_CM = torch.arange(end, device=q_BHCD.device)[None, :] > q_pos_C[:, None]
+    probs_BHCM = torch.softmax(logits_BHCM.masked_fill(hidden_CM, float("-inf")), dim=-1)
+    nbk = -(-end // block_size)
+    per_key_block = F.pad(probs_BHCM, (0, nbk * block_size - end)).unflatten(-1, (nbk, block_size)).sum(-1)
+    nbq = -(-C // block_size)
+    per_key_block = F.pad(per_key_block, (0, 0, 0, nbq * block_size - C))
+    return per_key_block.unflatten(-2, (nbq, block_size)).sum(-2)
+
+
+def true_block_mass(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size: int, scale: float,
+                    chunk_bytes: int = 2**30) -> torch.Tensor:
+    """Dense causal attention mass per block, ``[B, H_q, nb, nb]`` float32, summed over the
+    block's queries (so each row sums to its number of queries).
+
+    GQA: query head ``h`` reads key head ``h // (H_q // H_kv)``. Works one chunk of query
+    rows at a time (a Python loop: this is a measurement, not the hot path); ``chunk_bytes``
+    bounds each chunk's float32 logits.
+    """
+    B, H, N, _ = q_BHND.shape
+    nb = -(-N // block_size)
+    mass_BHQK = torch.zeros(B, H, nb, nb, device=q_BHND.device, dtype=torch.float32)
+    rows = _chunk_rows(B, H, N, block_size, chunk_bytes)
+    for start in range(0, N, rows):
+        q_BHCD = q_BHND[:, :, start : start + rows]
+        chunk = _chunk_block_mass(q_BHCD, k_BGND, start, block_size, scale)
+        qb = start // block_size
+        mass_BHQK[:, :, qb : qb + chunk.shape[-2], : chunk.shape[-1]] = chunk
+    return mass_BHQK
+
+
+def block_recall(mass_BHQK: torch.Tensor, keep_BHQK: torch.Tensor) -> torch.Tensor:
+    """Share of the total dense mass inside the kept blocks, per head: ``[B, H]`` float64."""
+    mass = mass_BHQK.double()
+    return (mass * keep_BHQK).sum((-2, -1)) / mass.sum((-2, -1))
+
+
+def oracle_keep(mass_BHQK: torch.Tensor, counts_BHQ: torch.Tensor) -> torch.Tensor:
+    """Per row, the ``counts_BHQ`` causal blocks holding the most true mass (bool ``[B, H, nb, nb]``).
+
+    No selection with the same per-row counts keeps more mass. Counts above a row's number
+    of causal blocks keep the whole row.
+    """
+    nb = mass_BHQK.shape[-1]
+    idx = torch.arange(nb, device=mass_BHQK.device)
+    above_QK = idx[None, :] > idx[:, None]
+    ranked = mass_BHQK.masked_fill(above_QK, float("-inf"))
+    order_BHQK = torch.argsort(ranked, dim=-1, descending=True, stable=True)
+    rank_BHQK = torch.empty_like(order_BHQK).scatter_(-1, order_BHQK, idx.expand_as(order_BHQK))
+    return (rank_BHQK < counts_BHQ[..., None]) & ~above_QK
+
+
+def selection_block_mask(keep_BHQK: torch.Tensor, block_size: int, seq_len: int) -> BlockMask:
+    """A causal BlockMask over exactly the kept blocks (diagonal blocks partial, the rest full).
+
+    Unlike the op's own builder, it does not add the diagonal block to rows that do not
+    keep it, so an oracle that drops a diagonal block computes exactly what it chose. Every
+    row keeps at least one block, so no query is left without keys.
+    """
+    nb = keep_BHQK.shape[-1]
+    idx = torch.arange(nb, device=keep_BHQK.device)
+    diagonal_QK = idx[:, None] == idx[None, :]
+    partial, full = compact(keep_BHQK & diagonal_QK), compact(keep_BHQK & ~diagonal_QK)
+    return BlockMask.from_kv_blocks(*partial, *full, BLOCK_SIZE=block_size, mask_mod=causal_mask_mod,
+                                    seq_lengths=(seq_len, seq_len))
+
+
+def recall_summary(recall_BH: torch.Tensor) -> dict:
+    """Mean and min over every (batch, head) entry, as plain floats."""
+    return {"mean": float(recall_BH.mean()), "min": float(recall_BH.min())}
