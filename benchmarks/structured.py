@@ -84,7 +84,7 @@ def _side(err_H1: torch.Tensor, recall_BH: torch.Tensor) -> dict:
 def measure_density(density, q, k, v, mass, dense, args, ops, say) -> tuple[dict, float]:
     """The search and the oracle at one density; returns the row and seconds spent compiling."""
     n, bs = q.shape[-2], args.block_size
-    cfg = SparseConfig(density=density, block_size=bs, min_seq_len=0)
+    cfg = SparseConfig(density=density, block_size=bs, min_seq_len=0, taper_from=None)
     (out, keep), compile_s = timed_call(partial(ops.sparse, q, k, v, cfg, return_keep=True), q.device, say,
                                         "sparse op")
     search = _side(rel_error_per_head(out, dense), block_recall(mass, keep))
@@ -199,7 +199,7 @@ def main(argv=None) -> None:
               "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
                         "dtype": args.dtype, "batch": 1},
               "block_size": args.block_size, "seed": args.seed, "err_ratio_target": ERR_RATIO_TARGET,
-              "sparse_configs": {f"{d:g}": SparseConfig(density=d, block_size=args.block_size, min_seq_len=0)
+              "sparse_configs": {f"{d:g}": SparseConfig(density=d, block_size=args.block_size, min_seq_len=0, taper_from=None)
                                  .describe() for d in args.densities},
               "lengths": lengths, "rows": rows}
     common.write_json(args.out / f"{name}.json", record)
