@@ -21,7 +21,12 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 from sa_compile.flex import causal_mask_mod
-from sa_compile.selection import compact
+
+
+def _compact(mask_BHQK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept-block counts and indices (kept first, ascending), as ``from_kv_blocks`` takes them."""
+    order = torch.argsort(mask_BHQK.to(torch.int8), dim=-1, descending=True, stable=True)
+    return mask_BHQK.sum(-1, dtype=torch.int32), order.to(torch.int32)
 
 
 def _chunk_rows(batch: int, heads: int, seq_len: int, block_size: int, chunk_bytes: int) -> int:
@@ -100,7 +105,7 @@ def selection_block_mask(keep_BHQK: torch.Tensor, block_size: int, seq_len: int)
     nb = keep_BHQK.shape[-1]
     idx = torch.arange(nb, device=keep_BHQK.device)
     diagonal_QK = idx[:, None] == idx[None, :]
-    partial, full = compact(keep_BHQK & diagonal_QK), compact(keep_BHQK & ~diagonal_QK)
+    partial, full = _compact(keep_BHQK & diagonal_QK), _compact(keep_BHQK & ~diagonal_QK)
     return BlockMask.from_kv_blocks(*partial, *full, BLOCK_SIZE=block_size, mask_mod=causal_mask_mod,
                                     seq_lengths=(seq_len, seq_len))
 
