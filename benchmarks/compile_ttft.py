@@ -324,8 +324,13 @@ def parse_args(argv=None):
                    help="torch.compile(dynamic=...) for the compiled systems (auto: None, the default)")
     common.add_run_arguments(p, repeats=3, warmup=1)
     parallel.add_arguments(p)
+    p.add_argument("--mlp-chunks", type=int, default=1,
+                   help="run each MLP over this many pieces of prompts >= 16K tokens, in every system "
+                        "(sa_compile.chunk_mlp: less prefill memory; default 1, off)")
     args = p.parse_args(argv)
     common.check_run_arguments(p, args)
+    if args.mlp_chunks < 1:
+        p.error("--mlp-chunks must be at least 1")
     parallel.check_arguments(p, args)
     if args.model != "tiny" and not args.device.startswith("cuda"):
         p.error("llama-3.1-8b needs a CUDA device")
@@ -400,6 +405,9 @@ def main(argv=None) -> None:
     if group is not None:
         model = sa_compile.tensor_parallel(model, group.mesh)
         extra["tensor_parallel"] = parallel.describe(group, device)
+    if args.mlp_chunks > 1:
+        sa_compile.chunk_mlp(model, chunks=args.mlp_chunks)
+        extra["mlp_chunks"] = {"chunks": args.mlp_chunks, "from_tokens": 16384, "systems": "all, eager included"}
     build_s = time.perf_counter() - start
     progress(f"built in {build_s:.1f}s ({sum(p.numel() for p in model.parameters()) / 1e9:.3g}B params, {dtype})")
     # Seeded per length, so a prompt does not depend on which other lengths were asked for.

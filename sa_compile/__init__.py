@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "backend": "sa_compile.compile_backend",
+    "chunk_mlp": "sa_compile.memory",
     "make_backend": "sa_compile.compile_backend",
     "PatternKind": "sa_compile.config",
     "SparseConfig": "sa_compile.config",
