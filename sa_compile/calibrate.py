@@ -3,7 +3,7 @@
 For every layer and head, on calibration prompts of one length:
 
 1. the true block mass (dense causal softmax of the layer's real, rotated q and k);
-2. for each kind (``local``, ``vertical_slash``, ``block_sparse``) and every budget K
+2. for each kind (``local``, ``vertical_slash``, ``block_sparse``, ``auto``) and every budget K
    (blocks per row), the true mass kept when the op ranks the blocks by that kind's
    scores, as it will at run time (the input still picks the blocks);
 3. budgets: every head starts at the sink + diagonal floor (K = 2); then, greedily, the step
@@ -12,7 +12,7 @@ For every layer and head, on calibration prompts of one length:
    Looking ahead to every K' (not only K + 1) keeps the greedy from stalling on flat
    stretches of a curve;
 4. kinds: each head takes the kind that keeps most mass at its budget (a tie goes to the
-   cheaper search: local, then vertical-slash, then block-sparse).
+   cheaper search: local, then vertical-slash, block-sparse, auto).
 
     table = calibrate(model, prompts_BN, target=0.1, block_size=64)
     table.save("patterns.json")
@@ -41,9 +41,9 @@ _TIE = 1e-6  # retained-fraction difference below which kinds count as tied
 
 @dataclass
 class Curves:
-    """Per layer: true mass kept, ``retained[layer]`` ``[kinds + 1, H, nb]`` float64 (index
-    ``K - 1``; rows in :data:`KINDS` order, then the ``auto`` baseline), and the total mass
-    ``total[layer]`` ``[H]``, both summed over the prompts."""
+    """Per layer: true mass kept, ``retained[layer]`` ``[kinds, H, nb]`` float64 (index
+    ``K - 1``; rows in :data:`KINDS` order), and the total mass ``total[layer]`` ``[H]``,
+    both summed over the prompts."""
 
     num_blocks: int
     retained: dict
@@ -54,13 +54,13 @@ class Curves:
 
 
 def measure_layer(q_BHND, k_BGND, block_size: int, scale: float, last_q: int = 64):
-    """``(retained [kinds + 1, H, nb], total [H])`` for one layer's q and k (see :class:`Curves`)."""
+    """``(retained [kinds, H, nb], total [H])`` for one layer's q and k (see :class:`Curves`)."""
     from .sparse_op import estimate_block_scores
 
     config = SparseConfig(block_size=block_size, last_q=last_q, min_seq_len=0)
     mass_BHQK = true_block_mass(q_BHND, k_BGND, block_size, scale)
     kept = [retained_by_budget(mass_BHQK, estimate_block_scores(
-        q_BHND, k_BGND, replace(config, pattern=PatternKind(kind)), scale)) for kind in (*KINDS, _BASELINE)]
+        q_BHND, k_BGND, replace(config, pattern=PatternKind(kind)), scale)) for kind in KINDS]
     return torch.stack(kept), mass_BHQK.double().sum((-2, -1)).sum(0)
 
 
@@ -134,7 +134,7 @@ def compare_with_uniform(curves: Curves, table: PatternTable) -> dict:
         for h, (kind, density) in enumerate(zip(kinds, densities)):
             k = int(blocks_per_row(nb, density, "cpu"))
             rows["table"].append(float(fraction_CHK[KINDS.index(kind), h, k - 1]))
-            rows["uniform"].append(float(fraction_CHK[-1, h, k_uniform - 1]))
+            rows["uniform"].append(float(fraction_CHK[KINDS.index(_BASELINE), h, k_uniform - 1]))
             spent["table"] += grid_cost(k, nb)
             spent["uniform"] += grid_cost(k_uniform, nb)
     grid = len(rows["table"]) * causal_block_count(nb)

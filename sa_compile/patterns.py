@@ -13,7 +13,7 @@ Budget rule: head ``h`` computes ``density[h]`` of the causal block grid at ``re
 tokens. At ``N`` tokens (``nb`` blocks) it keeps ``K = blocks_per_row(nb, density[h] * f)``
 blocks per row, with ``f = min(1, nb_ref / nb)`` when ``taper`` is true (past the reference
 length each query keeps the same number of blocks, as ``SparseConfig.taper_from`` does) and
-``f = 1`` otherwise. Kinds: ``local``, ``vertical_slash``, ``block_sparse`` (see
+``f = 1`` otherwise. Kinds: ``local``, ``vertical_slash``, ``block_sparse``, ``auto`` (see
 :class:`sa_compile.config.PatternKind`).
 """
 
@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 FORMAT = "sa_compile.patterns"
 VERSION = 1
-KINDS = ("local", "vertical_slash", "block_sparse")  # also the order the op stacks their scores in
+# Cheapest search first: calibration breaks ties in this order. ``auto`` is both estimates,
+# each block keeping the stronger (PatternKind.AUTO).
+KINDS = ("local", "vertical_slash", "block_sparse", "auto")
 _BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 

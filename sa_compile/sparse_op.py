@@ -43,15 +43,19 @@ def estimate_block_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv
 def head_kind_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN, head_kinds) -> torch.Tensor:
     """Block scores ``[B, H, nb, nb]`` where head ``h`` is scored by the template ``head_kinds[h]``.
 
-    Only the kinds that occur are computed; a ``[H]`` kind index picks each head's scores
-    with ``torch.where`` (one select per kind, never a loop over heads)."""
+    Only the templates some head needs are computed (``auto`` reuses the other two); a
+    ``[H]`` kind index picks each head's scores with ``torch.where``, one select per kind
+    present, never a loop over heads."""
     present = [kind for kind in KINDS if kind in head_kinds]
-    candidates = [estimate_block_scores(q_BHND, k_BGND, replace(config, pattern=PatternKind(kind)), scale,
-                                        kv_valid_BN) for kind in present]
+    needed = set(present) | ({"vertical_slash", "block_sparse"} if "auto" in present else set())
+    scores = {kind: estimate_block_scores(q_BHND, k_BGND, replace(config, pattern=PatternKind(kind)), scale,
+                                          kv_valid_BN) for kind in KINDS[:3] if kind in needed}
+    if "auto" in present:
+        scores["auto"] = torch.maximum(scores["vertical_slash"], scores["block_sparse"])
     kind_H11 = torch.tensor([present.index(kind) for kind in head_kinds], device=q_BHND.device)[:, None, None]
-    scores_BHQK = candidates[-1]
-    for index in range(len(candidates) - 2, -1, -1):
-        scores_BHQK = torch.where(kind_H11 == index, candidates[index], scores_BHQK)
+    scores_BHQK = scores[present[-1]]
+    for index in range(len(present) - 2, -1, -1):
+        scores_BHQK = torch.where(kind_H11 == index, scores[present[index]], scores_BHQK)
     return scores_BHQK
 
 
