@@ -121,25 +121,35 @@ def table_from_curves(curves: Curves, model: ModelShape, block_size: int, target
 
 
 def compare_with_uniform(curves: Curves, table: PatternTable) -> dict:
-    """Retained mass (mean over heads and layers) of the table's kinds and budgets, and of a
-    uniform budget (every head the same K, the ``auto`` template) at the same target, each
-    with the fraction of the causal grid it computes. Curves from held-out prompts make
-    this an honest test of the table."""
+    """Retained mass (mean and min over heads and layers) and computed fraction of the causal
+    grid, for the table's kinds and budgets and for uniform budgets (every head the same K,
+    the default ``auto`` template): ``uniform`` at the target's K, ``uniform_next`` at K + 1,
+    and ``uniform_at_table_flops``, between the two in proportion to the FLOPs the table
+    spends (as if that share of the heads took the extra block). Curves from held-out
+    prompts make this an honest test of the table."""
     nb = curves.num_blocks
     k_uniform = int(blocks_per_row(nb, table.target, "cpu"))
-    rows = {"table": [], "uniform": []}
-    spent = {"table": 0.0, "uniform": 0.0}
+    budgets = {"table": None, "uniform": k_uniform, "uniform_next": min(k_uniform + 1, nb)}
+    rows = {name: [] for name in budgets}
+    spent = dict.fromkeys(budgets, 0.0)
     for layer, (kinds, densities) in enumerate(zip(table.kinds, table.densities)):
         fraction_CHK = curves.fractions(layer)
         for h, (kind, density) in enumerate(zip(kinds, densities)):
-            k = int(blocks_per_row(nb, density, "cpu"))
-            rows["table"].append(float(fraction_CHK[KINDS.index(kind), h, k - 1]))
-            rows["uniform"].append(float(fraction_CHK[KINDS.index(_BASELINE), h, k_uniform - 1]))
-            spent["table"] += grid_cost(k, nb)
-            spent["uniform"] += grid_cost(k_uniform, nb)
+            for name, k in budgets.items():
+                k = int(blocks_per_row(nb, density, "cpu")) if k is None else k
+                c = KINDS.index(kind) if name == "table" else KINDS.index(_BASELINE)
+                rows[name].append(float(fraction_CHK[c, h, k - 1]))
+                spent[name] += grid_cost(k, nb)
     grid = len(rows["table"]) * causal_block_count(nb)
-    return {name: {"retained_mean": sum(r) / len(r), "retained_min": min(r), "computed_fraction": spent[name] / grid}
-            for name, r in rows.items()}
+    result = {name: {"retained_mean": sum(r) / len(r), "retained_min": min(r), "computed_fraction": spent[name] / grid}
+              for name, r in rows.items()}
+    low, high = result["uniform"], result["uniform_next"]
+    span = high["computed_fraction"] - low["computed_fraction"]
+    share = 0.0 if span <= 0 else (result["table"]["computed_fraction"] - low["computed_fraction"]) / span
+    result["uniform_at_table_flops"] = {
+        "retained_mean": low["retained_mean"] + share * (high["retained_mean"] - low["retained_mean"]),
+        "computed_fraction": result["table"]["computed_fraction"]}
+    return result
 
 
 def model_shape(model, model_id: str = "") -> ModelShape:

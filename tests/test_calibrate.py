@@ -89,6 +89,7 @@ def test_budgets_meet_the_flop_target_and_keep_at_least_a_uniform_budgets_mass(p
     computed = result["table"]["computed_fraction"]
     assert 0.95 * target <= computed <= target * (1 + 1e-9), computed
     assert result["table"]["retained_mean"] >= result["uniform"]["retained_mean"] - 1e-9
+    assert result["table"]["retained_mean"] >= result["uniform_at_table_flops"]["retained_mean"] - 1e-9
     exact = sum(grid_cost(int(blocks_per_row(NB, d, "cpu")), NB) for d in table.densities[0])
     assert exact / (3 * causal_block_count(NB)) == pytest.approx(computed)
 
