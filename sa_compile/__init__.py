@@ -14,6 +14,7 @@ _EXPORTS = {
     "backend": "sa_compile.compile_backend",
     "make_backend": "sa_compile.compile_backend",
     "PatternKind": "sa_compile.config",
+    "PatternTable": "sa_compile.patterns",
     "SparseConfig": "sa_compile.config",
     "sparse_attention": "sa_compile.sparse_op",
     "tensor_parallel": "sa_compile.distributed",
