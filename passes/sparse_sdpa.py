@@ -16,6 +16,7 @@ from torch.fx import GraphModule, Node
 
 from sa_compile._log import log, log_once
 from sa_compile.config import SparseConfig
+from sa_compile.patterns import PatternTable, load_table
 from sa_compile.sparse_op import rewritten_sdpa
 
 from .causal_mask import CausalMask, prove_causal
@@ -103,11 +104,12 @@ def _erase_dead(graph, candidates: list[Node]) -> None:
         pending.extend(inputs)
 
 
-def _rewrite(gm: GraphModule, node: Node, plan: _Plan, config: SparseConfig) -> None:
+def _rewrite(gm: GraphModule, node: Node, plan: _Plan, config: SparseConfig, head_pattern: dict | None) -> None:
     old_inputs = node.all_input_nodes
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(
-            rewritten_sdpa, (plan.query, plan.key, plan.value, plan.padding, plan.scale), config.describe()
+            rewritten_sdpa, (plan.query, plan.key, plan.value, plan.padding, plan.scale),
+            {**config.describe(), "head_pattern": head_pattern},
         )
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
@@ -121,17 +123,44 @@ def _count_skip(reason: str) -> None:
     log_once(logging.WARNING, "sa_compile: SDPA left dense: %s", reason)
 
 
+def _check_table(table: PatternTable, nodes: list[Node], config: SparseConfig) -> None:
+    """The table must describe this graph: one row per SDPA node (layers in graph order), and
+    per node the same query heads, key/value heads and head dim."""
+    if table.block_size != config.block_size:
+        raise ValueError(f"pattern table {config.patterns!r} was calibrated with block_size {table.block_size}, "
+                         f"but SparseConfig.block_size is {config.block_size}")
+    if len(nodes) != table.model.num_layers:
+        raise ValueError(f"pattern table {config.patterns!r} has {table.model.num_layers} layers but the graph has "
+                         f"{len(nodes)} attention (SDPA) calls; a table needs the whole model in one graph "
+                         f"(no graph breaks) and a model with as many layers")
+    for layer, node in enumerate(nodes):
+        call = parse_sdpa(node)
+        q, k = example_value(call.query), example_value(unrepeat_kv(call.key))
+        if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == k.dim() == 4:
+            try:
+                table.check_model(table.model.num_layers, q.shape[1], k.shape[1], q.shape[-1])
+            except ValueError as error:
+                raise ValueError(f"{error} at layer {layer}") from None
+
+
 def sparse_sdpa_pass(gm: GraphModule, example_inputs, *, config: SparseConfig) -> GraphModule:
-    """Rewrite each provably causal self-attention SDPA into ``rewritten_sdpa``."""
+    """Rewrite each provably causal self-attention SDPA into ``rewritten_sdpa``.
+
+    With ``config.patterns``, the i-th SDPA node of the graph is layer i of the table and
+    gets that layer's per-head kinds and budgets."""
     on_cpu = not any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in example_inputs)
     nodes = [n for n in gm.graph.nodes if is_sdpa(n)]
+    table = None
+    if config.patterns is not None and nodes:
+        table = load_table(config.patterns)
+        _check_table(table, nodes, config)
     rewritten = 0
-    for node in nodes:
+    for layer, node in enumerate(nodes):
         plan = plan_rewrite(gm, node, config, on_cpu)
         if isinstance(plan, str):
             _count_skip(plan)
             continue
-        _rewrite(gm, node, plan, config)
+        _rewrite(gm, node, plan, config, None if table is None else table.layer_fields(layer))
         rewritten += 1
         counters["sa_compile"]["rewritten"] += 1
     gm.recompile()

@@ -15,6 +15,7 @@ _EXPORTS = {
     "chunk_mlp": "sa_compile.memory",
     "make_backend": "sa_compile.compile_backend",
     "PatternKind": "sa_compile.config",
+    "PatternTable": "sa_compile.patterns",
     "SparseConfig": "sa_compile.config",
     "sparse_attention": "sa_compile.sparse_op",
     "tensor_parallel": "sa_compile.distributed",

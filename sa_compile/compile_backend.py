@@ -26,6 +26,13 @@ def make_backend(config: SparseConfig | None = None):
         config = SparseConfig()
     if not isinstance(config, SparseConfig):
         raise ValueError(f"make_backend expects a SparseConfig, got {type(config).__name__}")
+    if config.patterns is not None:
+        from .patterns import load_table
+
+        table = load_table(config.patterns)  # a bad table fails here, not mid-compile
+        if table.block_size != config.block_size:
+            raise ValueError(f"SparseConfig.block_size={config.block_size} differs from the pattern table's "
+                             f"block_size={table.block_size} ({config.patterns!r})")
 
     def sa_compile_backend(gm: torch.fx.GraphModule, example_inputs):
         from sa_compile.passes import run_passes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, fields
 
 
@@ -13,12 +14,15 @@ class PatternKind(enum.Enum):
     periodic structure), measured from the last ``last_q`` queries against every key.
     ``BLOCK_SPARSE``: block-pooled queries against block-pooled keys, which also sees
     structure that is neither a column nor a diagonal (a retrieved span, say).
-    ``AUTO``: both; each block keeps the stronger of the two row-normalized scores, so a
-    head is served by whichever template sees its structure.
+    ``LOCAL``: no estimate; the sink and the blocks nearest the diagonal (the A shape).
+    ``AUTO``: vertical-slash and block-sparse; each block keeps the stronger of the two
+    row-normalized scores, so a head is served by whichever template sees its structure.
+    A calibrated pattern table (``SparseConfig.patterns``) picks one kind per head instead.
     """
 
     VERTICAL_SLASH = "vertical_slash"
     BLOCK_SPARSE = "block_sparse"
+    LOCAL = "local"
     AUTO = "auto"
 
 
@@ -46,6 +50,10 @@ class SparseConfig:
         search_head_budgets: share the layer's block budget between its heads by estimated
             mass per block of kernel work (a per-input search), instead of giving every
             head the same count. The layer total stays within ``density``.
+        patterns: path of a calibrated pattern table (JSON, see :mod:`sa_compile.patterns`
+            and ``python -m sa_compile.calibrate``). Each head then uses the kind and budget
+            the table gives it, in place of ``density``, ``taper_from`` and ``pattern``; the
+            input still picks which blocks. Kept as a path so the config stays plain literals.
 
     Example::
 
@@ -60,6 +68,7 @@ class SparseConfig:
     last_q: int = 64
     pattern: PatternKind = PatternKind.AUTO
     search_head_budgets: bool = False
+    patterns: str | None = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.density, (int, float)) and 0.0 < self.density <= 1.0,
@@ -74,6 +83,13 @@ class SparseConfig:
                "last_q", self.last_q, "an integer in [1, 4096]")
         _check(isinstance(self.search_head_budgets, bool),
                "search_head_budgets", self.search_head_budgets, "True or False")
+        if isinstance(self.patterns, os.PathLike):
+            object.__setattr__(self, "patterns", os.fspath(self.patterns))
+        _check(self.patterns is None or (isinstance(self.patterns, str) and self.patterns != ""),
+               "patterns", self.patterns, "None or the path of a pattern table")
+        _check(not (self.patterns and self.search_head_budgets),
+               "search_head_budgets", self.search_head_budgets,
+               "False when patterns is set (the table already gives each head its budget)")
         _check(isinstance(self.pattern, PatternKind),
                "pattern", self.pattern, f"a PatternKind ({[k.name for k in PatternKind]})")
 

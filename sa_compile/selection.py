@@ -22,7 +22,7 @@ def blocks_per_row(num_blocks_, density: float, device) -> torch.Tensor:
     blocks (sink and diagonal) every row keeps anyway. Returns a 0-d int64 tensor.
     """
     nb = torch.full((), num_blocks_, dtype=torch.float64, device=device)
-    budget = density * nb * (nb + 1) / 2
+    budget = density * nb * (nb + 1) / 2  # density may also be a tensor: one count per entry
     root = torch.sqrt(((2 * nb + 1) ** 2 - 8 * budget).clamp(min=0))
     k = torch.floor((2 * nb + 1 - root) / 2 + 1e-9)
     return k.clamp(min=torch.clamp(nb, max=2.0), max=nb).to(torch.int64)
@@ -72,6 +72,16 @@ def select_block_lists(scores_BHQK: torch.Tensor, density,
     else:
         k_BH1 = blocks_per_row(nb, density, scores_BHQK.device).expand(*scores_BHQK.shape[:2], 1)
     return order_BHQK, torch.minimum(k_BH1, idx + 1)
+
+
+def select_head_block_lists(scores_BHQK: torch.Tensor, density_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_block_lists` with a fixed budget per head (a calibrated pattern table):
+    head ``h`` keeps ``min(K_h, qb + 1)`` blocks of row ``qb``, ``K_h`` from ``density_H[h]``."""
+    nb = scores_BHQK.shape[-1]
+    idx = torch.arange(nb, device=scores_BHQK.device)
+    order_BHQK, _ = rank_blocks(scores_BHQK)
+    k_H1 = blocks_per_row(nb, density_H, scores_BHQK.device)[:, None]
+    return order_BHQK, torch.minimum(k_H1, idx + 1).expand(scores_BHQK.shape[:3])
 
 
 def keep_mask(order_BHQK: torch.Tensor, count_BHQ: torch.Tensor) -> torch.Tensor:

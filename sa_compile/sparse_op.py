@@ -10,21 +10,27 @@ Data path for one call, all inside the compiled graph::
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 from sa_compile.templates.block_sparse import pooled_block_scores
+from sa_compile.templates.local import local_block_scores
 from sa_compile.templates.vertical_slash import last_q_attention, vertical_slash_block_scores
 
 from .config import PatternKind, SparseConfig
 from .flex import causal_mask_mod, causal_valid_mask_mod, flex_attention_traced
-from .selection import diagonal_only, keep_mask, select_block_lists, tapered_density
+from .patterns import KINDS
+from .selection import diagonal_only, keep_mask, select_block_lists, select_head_block_lists, tapered_density
 
 
 def estimate_block_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None):
     """Row-normalized block scores ``[B, H_q, nb, nb]`` from the configured template(s)."""
+    if config.pattern is PatternKind.LOCAL:
+        nb = -(-q_BHND.shape[-2] // config.block_size)
+        return local_block_scores(nb, q_BHND.device).expand(*q_BHND.shape[:2], nb, nb)
     scores = []
     if config.pattern in (PatternKind.VERTICAL_SLASH, PatternKind.AUTO):
         attn_BHLN = last_q_attention(q_BHND, k_BGND, config.last_q, scale, kv_valid_BN)
@@ -34,18 +40,53 @@ def estimate_block_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv
     return scores[0] if len(scores) == 1 else torch.maximum(scores[0], scores[1])
 
 
-def search_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None):
+def head_kind_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN, head_kinds) -> torch.Tensor:
+    """Block scores ``[B, H, nb, nb]`` where head ``h`` is scored by the template ``head_kinds[h]``.
+
+    Only the templates some head needs are computed (``auto`` reuses the other two); a
+    ``[H]`` kind index picks each head's scores with ``torch.where``, one select per kind
+    present, never a loop over heads."""
+    present = [kind for kind in KINDS if kind in head_kinds]
+    needed = set(present) | ({"vertical_slash", "block_sparse"} if "auto" in present else set())
+    scores = {kind: estimate_block_scores(q_BHND, k_BGND, replace(config, pattern=PatternKind(kind)), scale,
+                                          kv_valid_BN) for kind in KINDS[:3] if kind in needed}
+    if "auto" in present:
+        scores["auto"] = torch.maximum(scores["vertical_slash"], scores["block_sparse"])
+    kind_H11 = torch.tensor([present.index(kind) for kind in head_kinds], device=q_BHND.device)[:, None, None]
+    scores_BHQK = scores[present[-1]]
+    for index in range(len(present) - 2, -1, -1):
+        scores_BHQK = torch.where(kind_H11 == index, scores[present[index]], scores_BHQK)
+    return scores_BHQK
+
+
+def search_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None, head_pattern=None):
     """The per-head pattern search: each row's kept blocks, as ``order_BHQK[..., :count_BHQ]``
-    (diagonal first, then the sink, then by score; see :func:`select_block_lists`)."""
+    (diagonal first, then the sink, then by score; see :func:`select_block_lists`).
+
+    ``head_pattern`` is one layer of a pattern table (:meth:`PatternTable.layer_fields`):
+    per-head kinds and budgets replace ``config.pattern`` and ``config.density``."""
+    if head_pattern is not None:
+        return _search_with_table(q_BHND, k_BGND, config, scale, kv_valid_BN, **head_pattern)
     scores_BHQK = estimate_block_scores(q_BHND, k_BGND, config, scale, kv_valid_BN)
     taper_blocks = None if config.taper_from is None else config.taper_from / config.block_size
     density = tapered_density(config.density, taper_blocks, scores_BHQK.shape[-1], scores_BHQK.device)
     return select_block_lists(scores_BHQK, density, config.search_head_budgets)
 
 
-def select_kept_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None):
+def _search_with_table(q_BHND, k_BGND, config, scale, kv_valid_BN, head_kinds, head_densities,
+                       reference_blocks: int, taper: bool):
+    if len(head_kinds) != q_BHND.shape[1]:
+        raise ValueError(f"pattern table row has {len(head_kinds)} heads, the attention has {q_BHND.shape[1]}")
+    scores_BHQK = head_kind_scores(q_BHND, k_BGND, config, scale, kv_valid_BN, head_kinds)
+    density_H = torch.tensor(head_densities, dtype=torch.float64, device=q_BHND.device)
+    if taper:
+        density_H = density_H * tapered_density(1.0, reference_blocks, scores_BHQK.shape[-1], q_BHND.device)
+    return select_head_block_lists(scores_BHQK, density_H)
+
+
+def select_kept_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None, head_pattern=None):
     """:func:`search_blocks` as a boolean grid ``keep_BHQK`` (for tests and inspection)."""
-    return keep_mask(*search_blocks(q_BHND, k_BGND, config, scale, kv_valid_BN))
+    return keep_mask(*search_blocks(q_BHND, k_BGND, config, scale, kv_valid_BN, head_pattern))
 
 
 def build_block_mask(order_BHQK, count_BHQ, block_size: int, seq_len, kv_valid_BN=None):
@@ -77,19 +118,21 @@ def build_block_mask(order_BHQK, count_BHQ, block_size: int, seq_len, kv_valid_B
     return block_mask, buffers
 
 
-def sparse_attention(q_BHND, k_BGND, v_BGND, config: SparseConfig, scale=None, kv_valid_BN=None, return_keep=False):
+def sparse_attention(q_BHND, k_BGND, v_BGND, config: SparseConfig, scale=None, kv_valid_BN=None, return_keep=False,
+                     head_pattern=None):
     """Causal attention over a per-head, per-input block pattern chosen toward ``config.density``.
 
     ``k``/``v`` may carry fewer heads than ``q`` (GQA). ``kv_valid_BN`` (nonzero = real
     token) marks key padding. Must run under ``torch.compile``. With ``return_keep`` it also
-    returns the kept blocks as a boolean grid ``keep_BHQK``. Example::
+    returns the kept blocks as a boolean grid ``keep_BHQK``. ``head_pattern``: see
+    :func:`search_blocks`. Example::
 
         attn = torch.compile(sparse_attention)
         out = attn(q, k, v, SparseConfig(density=0.1, block_size=64))
     """
     N, D = q_BHND.shape[-2:]
     scale = D**-0.5 if scale is None else scale
-    order_BHQK, count_BHQ = search_blocks(q_BHND, k_BGND, config, scale, kv_valid_BN)
+    order_BHQK, count_BHQ = search_blocks(q_BHND, k_BGND, config, scale, kv_valid_BN, head_pattern)
     block_mask, buffers = build_block_mask(order_BHQK, count_BHQ, config.block_size, N, kv_valid_BN)
     out = flex_attention_traced(q_BHND, k_BGND, v_BGND, block_mask, scale, buffers)
     return (out, keep_mask(order_BHQK, count_BHQ)) if return_keep else out
@@ -107,12 +150,14 @@ def dense_causal_attention(q_BHND, k_BGND, v_BGND, scale=None, kv_valid_BN=None)
                                           enable_gqa=True)
 
 
-def rewritten_sdpa(q_BHND, k_BGND, v_BGND, kv_valid_BN, scale, **config_fields):
+def rewritten_sdpa(q_BHND, k_BGND, v_BGND, kv_valid_BN, scale, head_pattern=None, **config_fields):
     """What the graph pass puts in place of a causal self-attention SDPA node.
 
-    ``config_fields`` are ``SparseConfig.describe()``: plain literals, so the rewritten
-    graph prints as valid code and caches by value. Prompts shorter than ``min_seq_len``
-    take dense SDPA; with dynamic shapes that test becomes a guard on the sequence length.
+    ``config_fields`` are ``SparseConfig.describe()`` and ``head_pattern`` the layer's row
+    of a pattern table (or ``None``): plain literals, so the rewritten graph prints as valid
+    code and caches by value (a changed table changes the graph). Prompts shorter than
+    ``min_seq_len`` take dense SDPA; with dynamic shapes that test becomes a guard on the
+    sequence length.
     """
     config = SparseConfig.from_fields(config_fields)
     N, D = q_BHND.shape[-2:]
@@ -123,4 +168,4 @@ def rewritten_sdpa(q_BHND, k_BGND, v_BGND, kv_valid_BN, scale, **config_fields):
         # the kernel keeps a constant scale; multiplying by exactly 1.0 changes nothing.
         q_BHND = q_BHND * (scale * math.sqrt(D))
         scale = None
-    return sparse_attention(q_BHND, k_BGND, v_BGND, config, scale, kv_valid_BN)
+    return sparse_attention(q_BHND, k_BGND, v_BGND, config, scale, kv_valid_BN, head_pattern=head_pattern)
