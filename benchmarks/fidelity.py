@@ -40,6 +40,7 @@ from _recall import block_recall, oracle_keep, recall_summary, true_block_mass  
 
 import sa_compile  # noqa: E402
 from sa_compile import SparseConfig  # noqa: E402
+from sa_compile.calibrate import attention_qk  # noqa: E402
 from sa_compile.passes.sparse_sdpa import _MIN_GPU_BLOCK  # noqa: E402
 from sa_compile.selection import realized_density  # noqa: E402
 from sa_compile.sparse_op import select_kept_blocks  # noqa: E402
@@ -177,17 +178,10 @@ def capture_qk(model, ids, layers) -> tuple[torch.Tensor, dict]:
     """A dense prefill's logits, and the rotated q ``[1, H, N, D]`` and k ``[1, G, N, D]`` that
     each listed layer's attention computes (its own q_proj, k_proj and rotary embedding,
     read off the inputs the layer's ``self_attn`` receives; the forward is not changed)."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     captured = {}
 
     def hook(attn, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        cos, sin = kwargs["position_embeddings"]
-        shape = (*hidden.shape[:-1], -1, attn.head_dim)
-        q = attn.q_proj(hidden).view(shape).transpose(1, 2)
-        k = attn.k_proj(hidden).view(shape).transpose(1, 2)
-        captured[attn.layer_idx] = apply_rotary_pos_emb(q, k, cos, sin)
+        captured[attn.layer_idx] = attention_qk(attn, args, kwargs)
 
     handles = [model.model.layers[i].self_attn.register_forward_pre_hook(hook, with_kwargs=True) for i in layers]
     try:

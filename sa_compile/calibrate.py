@@ -161,27 +161,33 @@ def model_shape(model, model_id: str = "") -> ModelShape:
                       head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads)
 
 
+def attention_qk(attn, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotated q ``[B, H, N, D]`` and k ``[B, G, N, D]`` a Llama ``self_attn`` is about to
+    use, from the inputs a forward pre-hook (``with_kwargs=True``) receives: its own
+    projections and rotary embedding, recomputed; the forward itself is unchanged."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    cos, sin = kwargs["position_embeddings"]
+    shape = (*hidden.shape[:-1], -1, attn.head_dim)
+    q = attn.q_proj(hidden).view(shape).transpose(1, 2)
+    k = attn.k_proj(hidden).view(shape).transpose(1, 2)
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
 def measure_model(model, prompts_BN: torch.Tensor, block_size: int, last_q: int = 64) -> Curves:
     """:class:`Curves` of every layer of a Hugging Face Llama-style model on ``prompts_BN``.
 
-    A forward pre-hook on each layer's ``self_attn`` recomputes the q and k it is about to
-    use (its own projections and rotary embedding) and measures them; the forward itself is
-    unchanged. One prompt at a time keeps memory to one prompt's activations.
+    A forward pre-hook on each layer's ``self_attn`` takes the q and k it is about to use
+    (:func:`attention_qk`) and measures them. One prompt at a time keeps memory to one prompt's activations.
     """
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     if prompts_BN.dim() != 2 or prompts_BN.shape[1] < block_size:
         raise ValueError(f"prompts must be token ids [B, N] with N >= block_size={block_size}, "
                          f"got shape {tuple(prompts_BN.shape)}")
     retained, total = {}, {}
 
     def hook(attn, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        cos, sin = kwargs["position_embeddings"]
-        shape = (*hidden.shape[:-1], -1, attn.head_dim)
-        q = attn.q_proj(hidden).view(shape).transpose(1, 2)
-        k = attn.k_proj(hidden).view(shape).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = attention_qk(attn, args, kwargs)
         kept, mass = measure_layer(q, k, block_size, attn.scaling, last_q)
         retained[attn.layer_idx] = retained.get(attn.layer_idx, 0) + kept
         total[attn.layer_idx] = total.get(attn.layer_idx, 0) + mass
