@@ -266,10 +266,16 @@ def parse_args(argv=None):
     common.add_run_arguments(p, repeats=5, warmup=2)
     args = p.parse_args(argv)
     common.check_run_arguments(p, args)
+    return args, resolve_shape(args)
+
+
+def resolve_shape(args) -> dict:
+    """The layer shape for ``args.device``; fills in ``args.lengths`` and ``args.block_size``
+    where they were not given."""
     shape = CUDA_SHAPE if args.device.startswith("cuda") else CPU_SHAPE
     args.lengths = common.parse_lengths(args.lengths or shape["lengths"])
     args.block_size = args.block_size or shape["block_size"]
-    return args, shape
+    return shape
 
 
 def main(argv=None) -> None:

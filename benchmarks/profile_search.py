@@ -108,19 +108,18 @@ def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[di
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", help="comma list, 4k style allowed (CUDA: 16k,32k,64k,128k; CPU: 512,1024)")
+    p.add_argument("--lengths", help=f"comma list, 4k style allowed (CUDA: {attention.CUDA_SHAPE['lengths']}; "
+                                     f"CPU: {attention.CPU_SHAPE['lengths']})")
     p.add_argument("--density", type=float, default=SparseConfig.density)
     p.add_argument("--pattern", type=PatternKind, default=SparseConfig.pattern, choices=list(PatternKind),
-                   help="template that scores the blocks (default: %(default)s)")
+                   metavar="{" + ",".join(kind.value for kind in PatternKind) + "}",
+                   help=f"template that scores the blocks (default: {SparseConfig.pattern.value})")
     p.add_argument("--block-size", type=int, help="sparse block size (CUDA: 128, CPU: 32)")
     p.add_argument("--top", type=int, default=12, help="kernels listed per length")
     common.add_run_arguments(p, repeats=5, warmup=2)
     args = p.parse_args(argv)
     common.check_run_arguments(p, args)
-    shape = attention.CUDA_SHAPE if args.device.startswith("cuda") else attention.CPU_SHAPE
-    args.lengths = common.parse_lengths(args.lengths or shape["lengths"])
-    args.block_size = args.block_size or shape["block_size"]
-    return args, shape
+    return args, attention.resolve_shape(args)
 
 
 def main(argv=None) -> None:
