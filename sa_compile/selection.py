@@ -29,8 +29,9 @@ def blocks_per_row(num_blocks_, density: float, device) -> torch.Tensor:
 
 
 def tapered_density(density: float, taper_blocks: float | None, num_blocks_, device) -> torch.Tensor | float:
-    """``density`` scaled by ``min(1, taper_blocks / nb)`` as a 0-d tensor: the in-graph form
-    of :meth:`SparseConfig.density_at` (a symbolic ``nb`` adds no shape guard)."""
+    """``density`` scaled by ``min(1, taper_blocks / nb)``, as a 0-d tensor (``density`` itself
+    when ``taper_blocks`` is None): the in-graph form of :meth:`SparseConfig.density_at`,
+    where a symbolic ``nb`` adds no shape guard."""
     if taper_blocks is None:
         return density
     nb = torch.full((), num_blocks_, dtype=torch.float64, device=device)
