@@ -8,6 +8,13 @@ reported apart from the steady-state median.
     python benchmarks/compile_ttft.py                                   # tiny model, CPU ok
     python benchmarks/compile_ttft.py --model llama-3.1-8b --lengths 16k,32k,64k,128k
     torchrun --nproc-per-node 2 benchmarks/compile_ttft.py --tp 2       # heads sharded over 2 devices
+    python benchmarks/compile_ttft.py --calibrate 1k --block-size 16 --systems sa_compile,sa_compile+table
+
+``--patterns FILE`` adds the system ``sa_compile+table``: the default config driven by a
+calibrated pattern table. ``--calibrate N`` first calibrates one on this model (random token
+ids, ``--calibrate-prompts`` prompts of N tokens, FLOP target ``--flop-budget``), reports the
+time it took and its retained attention mass against uniform budgets on a held-out prompt,
+then times it like ``--patterns``.
 
 With ``--tp``, every system runs on the model sharded by ``sa_compile.tensor_parallel``
 (one process per device; nccl on CUDA, gloo on CPU); rank 0 prints and writes, and the
@@ -120,18 +127,24 @@ class System:
 
 def make_systems(args, base: sa_compile.SparseConfig) -> list[System]:
     """The systems to run, in order; ``sa_compile@d`` is the base config at density d."""
-    wanted = args.systems or list(BASE_SYSTEMS) + [f"sa_compile@{d:g}" for d in args.densities]
+    wanted = args.systems or (list(BASE_SYSTEMS) + [f"sa_compile@{d:g}" for d in args.densities]
+                              + (["sa_compile+table"] if args.patterns is not None else []))
     systems = []
     for name in wanted:
         if name in ("eager", "inductor"):
             systems.append(System(name))
         elif name == "sa_compile":
             systems.append(System(name, base))
+        elif name == "sa_compile+table":
+            if args.patterns is None:
+                raise SystemExit("system sa_compile+table needs --patterns FILE or --calibrate N")
+            systems.append(System(name, replace(base, patterns=str(args.patterns))))
         elif name.startswith("sa_compile@"):
             density = float(name.split("@", 1)[1])
             systems.append(System(f"sa_compile@{density:g}", replace(base, density=density)))
         else:
-            raise SystemExit(f"unknown system {name!r}: use eager, inductor, sa_compile or sa_compile@<density>")
+            raise SystemExit(f"unknown system {name!r}: use eager, inductor, sa_compile, sa_compile@<density> "
+                             "or sa_compile+table")
     return systems
 
 
@@ -310,18 +323,68 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     ], title)
 
 
+def _one_length(text: str) -> int:
+    lengths = common.parse_lengths(text)
+    if len(lengths) != 1:
+        raise argparse.ArgumentTypeError(f"expected one length, got {text!r}")
+    return lengths[0]
+
+
+def calibrate_table(model, args, device, path: Path, progress) -> dict:
+    """Calibrate a pattern table on ``model`` (``--calibrate``), save it to ``path``, and
+    return how it went: seconds, and retained mass against uniform budgets in sample and on
+    one held-out prompt (token ids drawn like the timed prompts, other seeds)."""
+    from sa_compile.calibrate import calibrate, compare_with_uniform, measure_model
+
+    n, count = args.calibrate, args.calibrate_prompts
+    block = sparse_base_config(args).block_size
+
+    def prompts(first_seed, k):
+        return torch.stack([torch.randint(0, model.config.vocab_size, (n,),
+                                          generator=torch.Generator().manual_seed(10_000 + first_seed + i))
+                            for i in range(k)]).to(device)
+
+    progress(f"calibrating a pattern table at N={common.length_label(n)} ({count} prompt(s), "
+             f"FLOP target {args.flop_budget}, block {block})")
+    common.synchronize(device)
+    start = time.perf_counter()
+    table = calibrate(model, prompts(0, count), target=args.flop_budget, block_size=block,
+                      model_id=f"{args.model} (random weights)")
+    common.synchronize(device)
+    seconds = time.perf_counter() - start
+    held_out = compare_with_uniform(measure_model(model, prompts(count, 1), block), table)
+    table.save(path)
+    progress(f"calibrated in {seconds:.1f}s; held-out retained mass: table "
+             f"{held_out['table']['retained_mean']:.4f}, uniform at equal FLOPs "
+             f"{held_out['uniform_at_table_flops']['retained_mean']:.4f}; wrote {path}")
+    return {"table": str(path), "seq_len": n, "prompts": count, "flop_budget": args.flop_budget,
+            "block_size": block, "seconds": seconds, "in_sample": dict(table.calibration)["in_sample"],
+            "held_out": held_out}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("tiny", "llama-3.1-8b"), default="tiny")
     p.add_argument("--lengths", help=f"comma list, 4k style allowed (tiny: {TINY_LENGTHS}; 8B: {LLAMA_LENGTHS})")
     p.add_argument("--systems", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-                   help="subset of: eager, inductor, sa_compile, sa_compile@<density> (default: all)")
+                   help="subset of: eager, inductor, sa_compile, sa_compile@<density>, sa_compile+table "
+                        "(default: all)")
     p.add_argument("--densities", type=common.parse_floats, default=[0.05],
                    help="extra sa_compile densities, each run as sa_compile@<d> (default 0.05)")
     p.add_argument("--block-size", type=int, help="sa_compile block size (tiny on CPU: 32; else SparseConfig default)")
     p.add_argument("--min-seq-len", type=int, help="sa_compile min_seq_len (tiny: 0, 8B: SparseConfig default)")
+    p.add_argument("--taper-from", type=lambda t: None if t.lower() == "none" else _one_length(t),
+                   default=sa_compile.SparseConfig.taper_from,
+                   help="sa_compile taper_from in tokens, or 'none' for a flat density (default: SparseConfig's)")
     p.add_argument("--dynamic", choices=("auto", "true", "false"), default="auto",
                    help="torch.compile(dynamic=...) for the compiled systems (auto: None, the default)")
+    p.add_argument("--patterns", type=Path, help="a calibrated pattern table: adds the system sa_compile+table")
+    p.add_argument("--calibrate", type=_one_length, metavar="N",
+                   help="calibrate a pattern table on this model at N tokens first (4k style allowed), then "
+                        "time it as sa_compile+table")
+    p.add_argument("--calibrate-prompts", type=int, default=1, help="calibration prompts (default 1)")
+    p.add_argument("--flop-budget", type=float, default=0.1,
+                   help="--calibrate's target: kernel FLOPs as a fraction of dense causal attention (default 0.1)")
     common.add_run_arguments(p, repeats=3, warmup=1)
     parallel.add_arguments(p)
     p.add_argument("--mlp-chunks", type=int, default=1,
@@ -332,6 +395,10 @@ def parse_args(argv=None):
     if args.mlp_chunks < 1:
         p.error("--mlp-chunks must be at least 1")
     parallel.check_arguments(p, args)
+    if args.calibrate is not None and (args.patterns is not None or args.tp):
+        p.error("--calibrate writes its own table and runs on one device: drop --patterns / --tp")
+    if args.calibrate_prompts < 1:
+        p.error("--calibrate-prompts must be at least 1")
     if args.model != "tiny" and not args.device.startswith("cuda"):
         p.error("llama-3.1-8b needs a CUDA device")
     args.dynamic = {"auto": None, "true": True, "false": False}[args.dynamic]
@@ -349,7 +416,7 @@ def sparse_base_config(args) -> sa_compile.SparseConfig:
     tiny_block = 32 if args.device == "cpu" else sa_compile.SparseConfig.block_size
     block = args.block_size if args.block_size is not None else (tiny_block if tiny else sa_compile.SparseConfig.block_size)
     floor = args.min_seq_len if args.min_seq_len is not None else (0 if tiny else sa_compile.SparseConfig.min_seq_len)
-    return sa_compile.SparseConfig(block_size=block, min_seq_len=floor)
+    return sa_compile.SparseConfig(block_size=block, min_seq_len=floor, taper_from=args.taper_from)
 
 
 def make_record(args, model, dtype, build_s, systems, rows, device, extra=None) -> dict:
@@ -378,6 +445,17 @@ def print_report(record: dict) -> None:
         print(f"Tensor parallel over {tp['tp']} devices ({tp['backend']}): {', '.join(tp['devices'])}\n")
     print(table(rows, summary))
     print()
+    if "calibration" in record:
+        c = record["calibration"]
+        print(f"Pattern table calibrated at N={common.length_label(c['seq_len'])} in {c['seconds']:.1f} s "
+              f"({c['prompts']} prompt(s), FLOP target {c['flop_budget']}); retained attention mass, mean / min "
+              "over heads, and computed fraction of the causal grid:\n")
+        print(common.markdown_table(["prompts", "selection", "retained mean", "retained min", "computed fraction"], [
+            [where, sel, c[where][sel].get("retained_mean"), c[where][sel].get("retained_min"),
+             c[where][sel]["computed_fraction"]]
+            for where in ("in_sample", "held_out") for sel in ("table", "uniform", "uniform_next",
+                                                                "uniform_at_table_flops")]))
+        print()
     print(common.markdown_table(["system", "first compile at", "compile (s)", "recompiles", "compiled at", "graphs"], [
         [s, common.length_label(e["first_compile_len"]) if e["first_compile_len"] else None, e["compile_s"],
          e["recompiles"], " ".join(map(common.length_label, e["lengths_compiled"])) or None, e["graphs"]]
@@ -398,7 +476,7 @@ def main(argv=None) -> None:
     if not args.warm_caches:
         common.fresh_compile_caches()
     progress = common.Progress(enabled=lead)
-    systems = make_systems(args, sparse_base_config(args))
+    systems = make_systems(args, sparse_base_config(args)) if args.calibrate is None else None
     progress(f"building {args.model} on {device}")
     start = time.perf_counter()
     model, dtype = build_model(args.model, device, max(args.lengths))
@@ -415,6 +493,11 @@ def main(argv=None) -> None:
                                    generator=torch.Generator().manual_seed(args.seed + n)).to(device)
                   for n in args.lengths}
     name = f"ttft_{args.model}" + (f"_tp{args.tp}" if args.tp else "") + (f"_{args.tag}" if args.tag else "")
+    if args.calibrate is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        args.patterns = args.out / f"{name}_patterns.json"
+        extra["calibration"] = calibrate_table(model, args, device, args.patterns, progress)
+        systems = make_systems(args, sparse_base_config(args))
     finished = []
 
     def save_partial(row):

@@ -61,7 +61,8 @@ def measure_layer(q_BHND, k_BGND, block_size: int, scale: float, last_q: int = 6
     mass_BHQK = true_block_mass(q_BHND, k_BGND, block_size, scale)
     kept = [retained_by_budget(mass_BHQK, estimate_block_scores(
         q_BHND, k_BGND, replace(config, pattern=PatternKind(kind)), scale)) for kind in KINDS]
-    return torch.stack(kept), mass_BHQK.double().sum((-2, -1)).sum(0)
+    # Small per-head curves: on the host, where the budget allocation runs.
+    return torch.stack(kept).cpu(), mass_BHQK.double().sum((-2, -1)).sum(0).cpu()
 
 
 def allocate_head_budgets(fraction_HK: torch.Tensor, target: float) -> torch.Tensor:

@@ -126,6 +126,20 @@ class PatternTable:
             detail = ", ".join(f"{k}: table {t}, model {m}" for k, (t, m) in wrong.items())
             raise ValueError(f"pattern table for {self.model.id!r} does not match the model ({detail})")
 
+    def computed_fraction(self, seq_len: int) -> float:
+        """Fraction of the causal block grid the table's heads compute at ``seq_len`` tokens,
+        summed over every layer and head (exact: each head keeps ``min(K_h, qb + 1)`` blocks of
+        row ``qb``, with ``K_h`` from the budget rule above)."""
+        import torch
+
+        from .selection import blocks_per_row, causal_block_count, grid_cost
+
+        nb = -(-seq_len // self.block_size)
+        scale = min(1.0, self.reference_blocks / nb) if self.taper else 1.0
+        densities = [d * scale for row in self.densities for d in row]
+        k_all = blocks_per_row(nb, torch.tensor(densities, dtype=torch.float64), "cpu")
+        return float(grid_cost(k_all, nb).sum()) / (len(densities) * causal_block_count(nb))
+
     def layer_fields(self, layer: int) -> dict:
         """The plain-literal graph arguments that hand one layer's row to the op."""
         return {"head_kinds": self.kinds[layer], "head_densities": self.densities[layer],

@@ -153,9 +153,15 @@ def realized_density(seq_len: int, config) -> float:
     ``config.density_at(nb)`` (it tapers past ``config.taper_from``). With
     ``search_head_budgets`` the split between heads depends on the input and this is the
     uniform split's total, which the searched split never exceeds by more than the floor.
+    With ``config.patterns`` it is the table's total over all its layers and heads
+    (:meth:`PatternTable.computed_fraction`).
     """
     if seq_len < config.min_seq_len:
         return 1.0
+    if config.patterns is not None:
+        from .patterns import load_table
+
+        return load_table(config.patterns).computed_fraction(seq_len)
     nb = -(-seq_len // config.block_size)
     k = int(blocks_per_row(nb, config.density_at(nb), "cpu"))
     return grid_cost(k, nb) / causal_block_count(nb)

@@ -89,13 +89,29 @@ def select_kept_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_va
     return keep_mask(*search_blocks(q_BHND, k_BGND, config, scale, kv_valid_BN, head_pattern))
 
 
+def diagonal_last(order_BHQK: torch.Tensor, count_BHQ: torch.Tensor) -> torch.Tensor:
+    """The ranked lists with each row's diagonal moved from the front to its last kept slot.
+
+    The CUDA FlexAttention kernel stops a row after ``ceil(N / BLOCK_N)`` kernel tiles, which
+    is right only when a block reaching past ``N`` comes last in the list. The one such block
+    is the last row's diagonal, so a list that keeps it must end with it.
+    """
+    slot_K = torch.arange(order_BHQK.shape[-1], device=order_BHQK.device, dtype=count_BHQ.dtype)
+    last_BHQ1 = count_BHQ[..., None] - 1
+    # Slots before the last kept one take their successor, the last kept one the diagonal
+    # (slot 0); the unkept tail stays put, so each row is still a permutation.
+    source_BHQK = torch.where(slot_K < last_BHQ1, slot_K + 1, torch.where(slot_K == last_BHQ1, 0, slot_K))
+    return order_BHQK.gather(-1, source_BHQK.long())
+
+
 def build_block_mask(order_BHQK, count_BHQ, block_size: int, seq_len, kv_valid_BN=None):
     """BlockMask over the kept blocks, straight from the ranked block lists.
 
     The diagonal block is partial (the causal mask_mod runs in it); the other kept blocks
     are full. The lists need no compaction: the diagonal ranks first, so a row's full
     blocks are ``order_BHQK[..., 1:count_BHQ]``. With key padding every kept block is
-    partial, which the mask_mod makes exact. Returns the mask and the tensors its mask_mod reads.
+    partial, which the mask_mod makes exact; the diagonal then goes last in its row's list
+    (see :func:`diagonal_last`). Returns the mask and the tensors its mask_mod reads.
     """
     B, H, nb, _ = order_BHQK.shape
     order_BHQK = order_BHQK.to(torch.int32)
@@ -106,7 +122,7 @@ def build_block_mask(order_BHQK, count_BHQ, block_size: int, seq_len, kv_valid_B
         full = (count_BHQ - 1, torch.cat([order_BHQK[..., 1:], order_BHQK[..., :1]], dim=-1))
         mask_mod, buffers = causal_mask_mod, ()
     else:
-        partial = (count_BHQ, order_BHQK)
+        partial = (count_BHQ, diagonal_last(order_BHQK, count_BHQ))
         # A distinct index buffer: Inductor's CPU FlexAttention template fails to compile
         # when one tensor is passed as two of its index inputs.
         full = (torch.zeros_like(count_BHQ), torch.zeros_like(order_BHQK))

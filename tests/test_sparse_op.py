@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sa_compile import PatternKind, SparseConfig, sparse_attention
-from sa_compile.selection import causal_block_count, realized_density
-from sa_compile.sparse_op import select_kept_blocks
+from sa_compile.selection import causal_block_count, keep_mask, realized_density, select_block_lists
+from sa_compile.sparse_op import build_block_mask, select_kept_blocks
 
 from .helpers import BLOCK, DEVICES, assert_close, attention_inputs, dense_reference, masked_reference, token_mask
 
@@ -101,6 +101,24 @@ def test_key_padding_is_masked_exactly(padding, device):
         assert_close(out, masked_reference(q, k, v, token_mask(keep, block, seq_len, valid)))
         if density == 1.0:
             assert_close(out, dense_reference(q, k, v, kv_valid_BN=valid))
+
+
+@given(seed=st.integers(0, 2**16), density=st.floats(0.05, 1.0), tail=st.integers(0, 15))
+def test_padded_block_lists_keep_the_same_blocks_and_end_with_the_diagonal(seed, density, tail):
+    """With key padding every kept block is partial, and the CUDA kernel cuts a row's list
+    after ceil(N / tile) tiles: the last row's diagonal, the one block reaching past N,
+    must come last, or a real block is silently dropped."""
+    nb, block = 7, 16
+    seq_len = nb * block - tail
+    scores = torch.rand(2, 3, nb, nb, generator=torch.Generator().manual_seed(seed))
+    order, count = select_block_lists(scores, density)
+    mask, _ = build_block_mask(order, count, block, seq_len, torch.ones(2, seq_len, dtype=torch.int64))
+    num, idx = mask.kv_num_blocks.long(), mask.kv_indices.long()
+    assert torch.equal(num, count)
+    assert torch.equal(idx.gather(-1, num[..., None] - 1)[..., 0], torch.arange(nb).expand_as(num))
+    listed = torch.zeros(2, 3, nb, nb, dtype=torch.bool).scatter_(-1, idx, torch.arange(nb) < num[..., None])
+    assert torch.equal(listed, keep_mask(order, count))
+    assert torch.equal(idx.sort(-1).values, torch.arange(nb).expand_as(idx))  # each row is a permutation
 
 
 @given(seed=st.integers(0, 2**16), depth=st.floats(0.05, 0.8))
