@@ -34,8 +34,10 @@ import torch
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _calibrated as calibrated  # noqa: E402
 import _common as common  # noqa: E402
 import _parallel as parallel  # noqa: E402
+from _models import build_model  # noqa: E402
 
 import sa_compile  # noqa: E402
 from sa_compile.selection import realized_density  # noqa: E402
@@ -44,72 +46,6 @@ BASE_SYSTEMS = ("eager", "inductor", "sa_compile")
 TINY_LENGTHS = "256,512,1024"
 LLAMA_LENGTHS = "16k,32k,64k,128k"
 GRADIENT_FROM, GRADIENT_TO = 64 * 1024, 128 * 1024
-
-
-def tiny_config(max_len: int):
-    """A few-layer GQA Llama that compiles in seconds: 4 q heads, 2 kv heads, head dim 32."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        max_position_embeddings=max(max_len, 4096), attn_implementation="sdpa",
-    )
-
-
-def llama31_8b_config():
-    """The Llama-3.1-8B architecture (no weights: they are drawn at random)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
-        rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
-        },
-        attn_implementation="sdpa",
-    )
-
-
-def _check_rotary(model) -> None:
-    """The RoPE inverse frequencies must match a fresh float32 computation from the config."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    rotary = model.model.rotary_emb
-    if rotary.rope_type == "default":
-        expected, _ = rotary.compute_default_rope_parameters(model.config)
-    else:
-        expected, _ = ROPE_INIT_FUNCTIONS[rotary.rope_type](model.config, device="cpu")
-    got = rotary.inv_freq.detach().float().cpu()
-    if rotary.inv_freq.dtype != torch.float32 or not torch.allclose(got, expected.float(), rtol=1e-6, atol=0):
-        raise RuntimeError(f"rotary inv_freq is wrong ({rotary.inv_freq.dtype}); the model would not be Llama")
-
-
-def build_model(name: str, device: torch.device, max_len: int):
-    """Random-weight model built straight on ``device`` (no hub access, no CPU round trip).
-
-    Building under ``torch.device(device)`` with the default dtype set makes every weight
-    land on the GPU in its final dtype, and transformers' own init draws the normal(0, 0.02)
-    weights there; the RoPE buffers are computed in float32 on the way (checked after).
-    """
-    from transformers import LlamaForCausalLM
-
-    config, dtype = (tiny_config(max_len), torch.float32) if name == "tiny" else (llama31_8b_config(), torch.bfloat16)
-    previous = torch.get_default_dtype()
-    torch.manual_seed(0)
-    try:
-        torch.set_default_dtype(dtype)
-        with device:
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.eval().requires_grad_(False)
-    if model.config._attn_implementation != "sdpa":
-        raise RuntimeError(f"expected attn_implementation 'sdpa', got {model.config._attn_implementation!r}")
-    _check_rotary(model)
-    return model, dtype
 
 
 @dataclass(frozen=True)
@@ -330,38 +266,6 @@ def _one_length(text: str) -> int:
     return lengths[0]
 
 
-def calibrate_table(model, args, device, path: Path, progress) -> dict:
-    """Calibrate a pattern table on ``model`` (``--calibrate``), save it to ``path``, and
-    return how it went: seconds, and retained mass against uniform budgets in sample and on
-    one held-out prompt (token ids drawn like the timed prompts, other seeds)."""
-    from sa_compile.calibrate import calibrate, compare_with_uniform, measure_model
-
-    n, count = args.calibrate, args.calibrate_prompts
-    block = sparse_base_config(args).block_size
-
-    def prompts(first_seed, k):
-        return torch.stack([torch.randint(0, model.config.vocab_size, (n,),
-                                          generator=torch.Generator().manual_seed(10_000 + first_seed + i))
-                            for i in range(k)]).to(device)
-
-    progress(f"calibrating a pattern table at N={common.length_label(n)} ({count} prompt(s), "
-             f"FLOP target {args.flop_budget}, block {block})")
-    common.synchronize(device)
-    start = time.perf_counter()
-    table = calibrate(model, prompts(0, count), target=args.flop_budget, block_size=block,
-                      model_id=f"{args.model} (random weights)")
-    common.synchronize(device)
-    seconds = time.perf_counter() - start
-    held_out = compare_with_uniform(measure_model(model, prompts(count, 1), block), table)
-    table.save(path)
-    progress(f"calibrated in {seconds:.1f}s; held-out retained mass: table "
-             f"{held_out['table']['retained_mean']:.4f}, uniform at equal FLOPs "
-             f"{held_out['uniform_at_table_flops']['retained_mean']:.4f}; wrote {path}")
-    return {"table": str(path), "seq_len": n, "prompts": count, "flop_budget": args.flop_budget,
-            "block_size": block, "seconds": seconds, "in_sample": dict(table.calibration)["in_sample"],
-            "held_out": held_out}
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("tiny", "llama-3.1-8b"), default="tiny")
@@ -446,16 +350,7 @@ def print_report(record: dict) -> None:
     print(table(rows, summary))
     print()
     if "calibration" in record:
-        c = record["calibration"]
-        print(f"Pattern table calibrated at N={common.length_label(c['seq_len'])} in {c['seconds']:.1f} s "
-              f"({c['prompts']} prompt(s), FLOP target {c['flop_budget']}); retained attention mass, mean / min "
-              "over heads, and computed fraction of the causal grid:\n")
-        print(common.markdown_table(["prompts", "selection", "retained mean", "retained min", "computed fraction"], [
-            [where, sel, c[where][sel].get("retained_mean"), c[where][sel].get("retained_min"),
-             c[where][sel]["computed_fraction"]]
-            for where in ("in_sample", "held_out") for sel in ("table", "uniform", "uniform_next",
-                                                                "uniform_at_table_flops")]))
-        print()
+        calibrated.print_report(record["calibration"])
     print(common.markdown_table(["system", "first compile at", "compile (s)", "recompiles", "compiled at", "graphs"], [
         [s, common.length_label(e["first_compile_len"]) if e["first_compile_len"] else None, e["compile_s"],
          e["recompiles"], " ".join(map(common.length_label, e["lengths_compiled"])) or None, e["graphs"]]
@@ -496,7 +391,8 @@ def main(argv=None) -> None:
     if args.calibrate is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         args.patterns = args.out / f"{name}_patterns.json"
-        extra["calibration"] = calibrate_table(model, args, device, args.patterns, progress)
+        extra["calibration"] = calibrated.calibrate_table(model, args, sparse_base_config(args).block_size, device,
+                                                          args.patterns, progress)
         systems = make_systems(args, sparse_base_config(args))
     finished = []
 

@@ -15,7 +15,7 @@ from sa_compile.calibrate import (
     Curves, allocate_head_budgets, compare_with_uniform, main, measure_layer, model_shape, table_from_curves,
 )
 from sa_compile.patterns import KINDS, ModelShape, PatternTable
-from sa_compile.selection import blocks_per_row, causal_block_count, grid_cost
+from sa_compile.selection import blocks_per_row, causal_block_count, grid_cost, realized_density
 from sa_compile.sparse_op import select_kept_blocks, sparse_attention
 
 from .helpers import assert_close, attention_inputs, masked_reference, tiny_llama, token_mask
@@ -187,6 +187,24 @@ def test_per_head_kinds_and_budgets_are_exact_in_the_compiled_op():
         assert torch.equal(keep[0, 1], select_kept_blocks(q, k, local_config, 0.25)[0, 1])
         assert_close(out, masked_reference(q, k, v, token_mask(keep, BLOCK, seq_len)).float())
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_tables_computed_fraction_counts_the_blocks_the_op_keeps(tmp_path):
+    """``PatternTable.computed_fraction`` (and ``realized_density`` with ``patterns``) equal the
+    kept blocks, counted over every layer and head, below and past the reference length."""
+    densities = ((0.2, 0.5, 0.35, 1.0), (0.1, 0.3, 0.6, 0.15))
+    table = replace(_table(), densities=densities)
+    table.save(tmp_path / "t.json")
+    config = SparseConfig(block_size=BLOCK, min_seq_len=0, last_q=32, patterns=str(tmp_path / "t.json"))
+    for seq_len in (200, 256, 440):
+        q, k, _ = attention_inputs(seed=5, batch=1, heads=4, kv_heads=2, seq_len=seq_len, head_dim=16,
+                                   dtype=torch.float32)
+        kept = sum(int(select_kept_blocks(q, k, config, 0.25, head_pattern=table.layer_fields(i)).sum())
+                   for i in range(table.model.num_layers))
+        nb = -(-seq_len // BLOCK)
+        expected = kept / (2 * 4 * causal_block_count(nb))
+        assert table.computed_fraction(seq_len) == pytest.approx(expected, abs=1e-12), seq_len
+        assert realized_density(seq_len, config) == pytest.approx(expected, abs=1e-12)
 
 
 def _compile(model, config):
