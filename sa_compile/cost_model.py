@@ -32,12 +32,13 @@ def _values(seq_len: int, config: SparseConfig, heads: int, head_dim: int) -> di
     from .selection import blocks_per_row
 
     nb = math.ceil(seq_len / config.block_size)
-    k = int(blocks_per_row(nb, config.density, "cpu"))
+    k = int(blocks_per_row(nb, config.density_at(nb), "cpu"))  # tapered past config.taper_from
     return {N: seq_len, BS: config.block_size, D: head_dim, H: heads, K: k, L: min(config.last_q, seq_len)}
 
 
 def attention_cost(seq_len: int, config: SparseConfig, heads: int, head_dim: int) -> dict:
-    """FLOPs of one attention layer at ``seq_len`` under ``config`` (uniform head budgets)."""
+    """FLOPs of one attention layer at ``seq_len`` under ``config`` (uniform head budgets,
+    tapered as the op tapers them)."""
     values = _values(seq_len, config, heads, head_dim)
     kernel, dense, search = (float(e.subs(values)) for e in (KERNEL_FLOPS, DENSE_FLOPS, SEARCH_FLOPS))
     return {"kernel_flops": kernel, "dense_flops": dense, "search_flops": search,

@@ -13,11 +13,20 @@ from sa_compile.cost_model import attention_cost, density_for_flop_budget
 from sa_compile.selection import causal_block_count, realized_density, select_blocks
 
 
-@given(seq_len=st.integers(1, 5000), density=st.floats(0.01, 1.0), block=st.sampled_from([16, 64, 128]))
-def test_kernel_fraction_is_the_realized_density(seq_len, density, block):
-    cfg = SparseConfig(density=density, block_size=block, min_seq_len=0, last_q=16)
+@given(seq_len=st.integers(1, 5000), density=st.floats(0.01, 1.0), block=st.sampled_from([16, 64, 128]),
+       taper_from=st.sampled_from([None, 512, 2048]))
+def test_kernel_fraction_is_the_realized_density(seq_len, density, block, taper_from):
+    cfg = SparseConfig(density=density, block_size=block, min_seq_len=0, last_q=16, taper_from=taper_from)
     cost = attention_cost(seq_len, cfg, heads=4, head_dim=32)
     assert cost["kernel_fraction"] == pytest.approx(realized_density(seq_len, cfg), rel=1e-12)
+
+
+@pytest.mark.parametrize("seq_len", [32768, 65536, 131072])
+def test_kernel_fraction_follows_the_default_taper(seq_len):
+    cfg = SparseConfig()
+    fraction = attention_cost(seq_len, cfg, heads=32, head_dim=128)["kernel_fraction"]
+    assert fraction == pytest.approx(realized_density(seq_len, cfg), rel=1e-12)
+    assert fraction < 0.1 * 32768 / seq_len * 1.01
 
 
 def test_kernel_flops_count_the_blocks_the_selection_keeps():
