@@ -3,8 +3,8 @@
 Each stage of ``sparse_attention`` is compiled on its own (dynamic shapes, like the model)
 and timed on the previous stage's output, so the stages add up to roughly the fused op:
 
-    last-q attention -> vertical-slash scores ─┐
-    pooled block scores ───────────────────────┴> block selection -> BlockMask build -> kernel
+    last-q attention -> vertical-slash scores (row-aware columns) ─┐
+    pooled block scores ──────────────────────────────────────────┴> block selection -> BlockMask build -> kernel
 
 A ``torch.profiler`` pass over the fused op lists its heaviest kernels.
 
@@ -42,7 +42,8 @@ def stages(config: SparseConfig, device):
 
     return {
         "last-q attention": compile_(lambda q, k: last_q_attention(q, k, config.last_q, q.shape[-1] ** -0.5), device),
-        "vertical-slash scores": compile_(lambda attn: vertical_slash_block_scores(attn, bs), device),
+        "vertical-slash scores": compile_(
+            lambda attn, q, k: vertical_slash_block_scores(attn, bs, q, k, q.shape[-1] ** -0.5), device),
         "pooled block scores": compile_(lambda q, k: pooled_block_scores(q, k, bs, q.shape[-1] ** -0.5), device),
         "estimate (all templates)": compile_(
             lambda q, k: estimate_block_scores(q, k, config, q.shape[-1] ** -0.5), device),
@@ -84,7 +85,7 @@ def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[di
 
     timed(base_label, dense)
     attn = timed("last-q attention", lambda: fns["last-q attention"](q, k))
-    timed("vertical-slash scores", lambda: fns["vertical-slash scores"](attn))
+    timed("vertical-slash scores", lambda: fns["vertical-slash scores"](attn, q, k))
     del attn
     timed("pooled block scores", lambda: fns["pooled block scores"](q, k))
     scores = timed("estimate (all templates)", lambda: fns["estimate (all templates)"](q, k))

@@ -34,7 +34,7 @@ def estimate_block_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv
     scores = []
     if config.pattern in (PatternKind.VERTICAL_SLASH, PatternKind.AUTO):
         attn_BHLN = last_q_attention(q_BHND, k_BGND, config.last_q, scale, kv_valid_BN)
-        scores.append(vertical_slash_block_scores(attn_BHLN, config.block_size))
+        scores.append(vertical_slash_block_scores(attn_BHLN, config.block_size, q_BHND, k_BGND, scale))
     if config.pattern in (PatternKind.BLOCK_SPARSE, PatternKind.AUTO):
         scores.append(pooled_block_scores(q_BHND, k_BGND, config.block_size, scale))
     return scores[0] if len(scores) == 1 else torch.maximum(scores[0], scores[1])

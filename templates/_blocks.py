@@ -20,6 +20,15 @@ def pad_to_blocks(x: torch.Tensor, block_size: int, dim: int = -1) -> torch.Tens
     return F.pad(x, pad)
 
 
+def block_means(x_BHND: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean over each block of ``block_size`` rows (dim -2) in float32; the last block may be short."""
+    N = x_BHND.shape[-2]
+    nb = num_blocks(N, block_size)
+    sums_BHKD = pad_to_blocks(x_BHND.float(), block_size, dim=-2).unflatten(-2, (nb, block_size)).sum(-2)
+    counts_K = (N - torch.arange(nb, device=x_BHND.device) * block_size).clamp(max=block_size)
+    return sums_BHKD / counts_K[:, None]
+
+
 def block_offsets_QK(num_blocks_, device) -> torch.Tensor:
     """``qb - kb`` for every (query block, key block) pair; negative above the diagonal."""
     idx = torch.arange(num_blocks_, device=device)

@@ -12,23 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from ._blocks import block_offsets_QK, num_blocks, pad_to_blocks
-
-
-def _block_means(x_BHND: torch.Tensor, block_size: int) -> torch.Tensor:
-    N = x_BHND.shape[-2]
-    nb = num_blocks(N, block_size)
-    sums_BHKD = pad_to_blocks(x_BHND.float(), block_size, dim=-2).unflatten(-2, (nb, block_size)).sum(-2)
-    counts_K = (N - torch.arange(nb, device=x_BHND.device) * block_size).clamp(max=block_size)
-    return sums_BHKD / counts_K[:, None]
+from ._blocks import block_means, block_offsets_QK
 
 
 def pooled_block_scores(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
     """Causal softmax of pooled-query x pooled-key logits, ``[B, H_q, nb, nb]``."""
     B, H, N, D = q_BHND.shape
     G = k_BGND.shape[1]
-    q_BHQD = _block_means(q_BHND, block_size)
-    k_BGKD = _block_means(k_BGND, block_size)
+    q_BHQD = block_means(q_BHND, block_size)
+    k_BGKD = block_means(k_BGND, block_size)
     nb = q_BHQD.shape[-2]
     logits = torch.matmul(q_BHQD.reshape(B, G, (H // G) * nb, D), k_BGKD.transpose(-1, -2))
     logits_BHQK = logits.view(B, H, nb, nb) * scale

@@ -11,10 +11,12 @@ Run ``python -m sa_compile.templates.vertical_slash`` to draw the pattern on a p
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from ._blocks import block_offsets_QK, normalize_causal_rows, num_blocks, pad_to_blocks
+from ._blocks import block_means, block_offsets_QK, normalize_causal_rows, num_blocks, pad_to_blocks
 
 
 def last_q_attention(q_BHND: torch.Tensor, k_BGND: torch.Tensor, last_q: int, scale: float,
@@ -53,11 +55,52 @@ def vertical_slash_scores(attn_BHLN: torch.Tensor) -> tuple[torch.Tensor, torch.
     return vertical_BHN, slash_BHN
 
 
-def vertical_slash_block_scores(attn_BHLN: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Score every causal block as its column mass plus the diagonal mass crossing it."""
+def row_vertical_mass(q_BHND: torch.Tensor, k_BGND: torch.Tensor, vertical_BHN: torch.Tensor, block_size: int,
+                      scale: float) -> torch.Tensor:
+    """Per query block, the share of attention its mean query gives each key block, ``[B, H, nb, nb]``.
+
+    The last queries' column mass is the same for every row: a span only they look up would
+    be kept in every row. Here each query block's mean query scores the keys itself, exactly
+    on the ``nb`` heaviest columns by ``vertical_BHN`` (where sinks and heavy tokens show up)
+    and through each key block's mean key, standing for its tokens, everywhere. Per head that
+    is ``nb x 2nb`` logits; the candidates' keys are gathered, never expanded to every head.
+    """
+    B, H, N, D = q_BHND.shape
+    G = k_BGND.shape[1]
+    q_BHQD = block_means(q_BHND, block_size)
+    nb = q_BHQD.shape[-2]
+    idx_K = torch.arange(nb, device=q_BHND.device)
+    # Block-mean keys, each standing for block_size tokens (a short last block is only ever
+    # a diagonal, which the selection keeps anyway).
+    pooled = torch.matmul(q_BHQD.reshape(B, G, (H // G) * nb, D), block_means(k_BGND, block_size).transpose(-1, -2))
+    pooled_BHQK = (pooled.view(B, H, nb, nb) * scale + math.log(block_size)).masked_fill(
+        idx_K[None, :] > idx_K[:, None], float("-inf"))
+    column_BHM = vertical_BHN.topk(nb, dim=-1).indices
+    row_of_head_H1 = (torch.arange(H, device=q_BHND.device) // (H // G) * N)[:, None]
+    flat_BX = (column_BHM + row_of_head_H1).reshape(B, H * nb, 1).expand(B, H * nb, D)
+    k_BHMD = k_BGND.reshape(B, G * N, D).gather(1, flat_BX).view(B, H, nb, D).float()
+    exact_BHQM = (torch.matmul(q_BHQD, k_BHMD.transpose(-1, -2)) * scale).masked_fill(
+        column_BHM[:, :, None, :] // block_size > idx_K[:, None], float("-inf"))
+    probs = torch.softmax(torch.cat([pooled_BHQK, exact_BHQM], -1), dim=-1)
+    into_block_BHQM = (column_BHM // block_size)[:, :, None, :].expand(B, H, nb, nb)
+    return probs[..., :nb].scatter_add(-1, into_block_BHQM, probs[..., nb:])
+
+
+def vertical_slash_block_scores(attn_BHLN: torch.Tensor, block_size: int, q_BHND=None, k_BGND=None,
+                                scale: float | None = None) -> torch.Tensor:
+    """Score every causal block as its column mass plus the diagonal mass crossing it.
+
+    With ``q`` and ``k`` (and ``scale``) the column mass is row-aware
+    (:func:`row_vertical_mass`, scaled to the last queries' total); without, every row
+    shares the last queries' column mass.
+    """
     vertical_BHN, slash_BHN = vertical_slash_scores(attn_BHLN)
     nb = num_blocks(attn_BHLN.shape[-1], block_size)
-    vertical_BHK = pad_to_blocks(vertical_BHN, block_size).unflatten(-1, (nb, block_size)).sum(-1)
+    if q_BHND is None:
+        vertical_BHK = pad_to_blocks(vertical_BHN, block_size).unflatten(-1, (nb, block_size)).sum(-1)[..., None, :]
+    else:
+        rows = attn_BHLN.shape[-2]
+        vertical_BHK = row_vertical_mass(q_BHND, k_BGND, vertical_BHN, block_size, scale) * rows
     # A diagonal at offset d crosses the block pair at block offset D when |d - D*bs| < bs,
     # covering a fraction (bs - |d - D*bs|) / bs of that block's rows: a triangular filter.
     pieces_BHDR = pad_to_blocks(slash_BHN, block_size).unflatten(-1, (nb, block_size))
@@ -66,7 +109,7 @@ def vertical_slash_block_scores(attn_BHLN: torch.Tensor, block_size: int) -> tor
     rising_BHD = (pieces_BHDR * ramp_R).sum(-1)
     slash_BHD = falling_BHD + F.pad(rising_BHD, (1, 0))[..., :nb]
     offsets_QK = block_offsets_QK(nb, attn_BHLN.device)
-    scores_BHQK = vertical_BHK[..., None, :] + slash_BHD[..., offsets_QK.clamp(min=0)]
+    scores_BHQK = vertical_BHK + slash_BHD[..., offsets_QK.clamp(min=0)]
     return normalize_causal_rows(scores_BHQK)
 
 

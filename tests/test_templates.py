@@ -1,11 +1,15 @@
 """Templates against naive loops, and the planted-structure cases each one is for."""
 
+import math
+
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sa_compile.templates.block_sparse import pooled_block_scores
-from sa_compile.templates.vertical_slash import last_q_attention, vertical_slash_block_scores, vertical_slash_scores
+from sa_compile.templates.vertical_slash import (
+    last_q_attention, row_vertical_mass, vertical_slash_block_scores, vertical_slash_scores,
+)
 
 
 def _naive_last_q(q, k, last_q, scale):
@@ -62,6 +66,46 @@ def test_vertical_slash_finds_a_heavy_column_and_a_local_band():
     scores = vertical_slash_block_scores(last_q_attention(q, k, 32, 32**-0.5), 32)[0, 0]
     for row in range(4, 8):
         assert scores[row, :row].argmax() == 100 // 32
+
+
+def test_row_aware_columns_follow_only_the_rows_that_look_them_up():
+    """The last queries look up one span: shared column scores send every row there, the
+    row-aware ones only the rows whose queries do."""
+    q, k = _planted()
+    topic = torch.randn(32, generator=torch.Generator().manual_seed(1)) * 2
+    q[..., 224:, :] += topic
+    k[..., 64:96, :] += topic
+    attn = last_q_attention(q, k, 32, 32**-0.5)
+    shared = vertical_slash_block_scores(attn, 32)[0, 0]
+    row_aware = vertical_slash_block_scores(attn, 32, q, k, 32**-0.5)[0, 0]
+    assert torch.allclose(row_aware.sum(-1), torch.ones(8)) and (row_aware.triu(1) == 0).all()
+    assert row_aware[7, :7].argmax() == 2 and shared[7, :7].argmax() == 2
+    for row in range(3, 7):
+        assert shared[row, 2] > 0.5 and row_aware[row, 2] < 0.6 * shared[row, 2], row
+
+
+@given(seed=st.integers(0, 2**16), blocks=st.integers(1, 5), group=st.sampled_from([1, 2]))
+def test_row_vertical_mass_against_a_naive_loop(seed, blocks, group):
+    block, d = 8, 16
+    n = blocks * block
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2 * group, n, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 2, n, d, generator=gen, dtype=torch.float64)
+    vertical = torch.rand(1, 2 * group, n, generator=gen, dtype=torch.float64)
+    got = row_vertical_mass(q, k, vertical, block, 0.25)
+    for h in range(2 * group):
+        k_h = k[0, h // group]
+        k_means = k_h.unflatten(0, (blocks, block)).mean(1)
+        columns = vertical[0, h].topk(blocks).indices
+        for qb in range(blocks):
+            q_mean = q[0, h, qb * block : (qb + 1) * block].mean(0)
+            logits = [(q_mean @ k_means[kb] * 0.25 + math.log(block), kb) for kb in range(qb + 1)]
+            logits += [(q_mean @ k_h[j] * 0.25, int(j) // block) for j in columns if int(j) // block <= qb]
+            probs = torch.softmax(torch.stack([value for value, _ in logits]), 0)
+            expected = torch.zeros(blocks, dtype=torch.float64)
+            for p, (_, kb) in zip(probs, logits):
+                expected[kb] += p
+            torch.testing.assert_close(got[0, h, qb].double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_pooled_scores_find_a_retrieved_span():
