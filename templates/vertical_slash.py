@@ -64,6 +64,8 @@ def row_vertical_mass(q_BHND: torch.Tensor, k_BGND: torch.Tensor, vertical_BHN: 
     on the ``nb`` heaviest columns by ``vertical_BHN`` (where sinks and heavy tokens show up)
     and through each key block's mean key, standing for its tokens, everywhere. Per head that
     is ``nb x 2nb`` logits; the candidates' keys are gathered, never expanded to every head.
+    Key padding is not masked here: it can only move the ranking, and the kernel's mask_mod
+    excludes padded keys whatever is kept.
     """
     B, H, N, D = q_BHND.shape
     G = k_BGND.shape[1]
