@@ -11,7 +11,8 @@ class PatternKind(enum.Enum):
     """How a head's block scores are estimated before the budgeted selection.
 
     ``VERTICAL_SLASH``: column mass (sinks, heavy tokens) plus diagonal mass (local and
-    periodic structure), measured from the last ``last_q`` queries against every key.
+    periodic structure), measured from the last ``last_q`` queries against every key; the
+    heaviest columns are then re-weighted per query block by that block's mean query.
     ``BLOCK_SPARSE``: block-pooled queries against block-pooled keys, which also sees
     structure that is neither a column nor a diagonal (a retrieved span, say).
     ``LOCAL``: no estimate; the sink and the blocks nearest the diagonal (the A shape).
