@@ -7,6 +7,8 @@ Per length and density:
   (causal softmax of that layer's real q and k, taken from the dense model) inside the
   blocks the search keeps, beside the oracle's (the blocks with most true mass, at the same
   per-row counts);
+- with ``--oracle``, the same next-token metrics for a model that keeps the oracle's blocks in
+  every layer (``_oracle_model.py``): what the best selection at the search's cost gives;
 - passkey retrieval: ``--passkeys`` prompts per length (default 20), a number hidden at depths
   spread evenly from 0% to 100% of filler text, each prompt exactly N tokens; one sparse
   prefill, then greedy decode steps, which stay dense (dense and sparse answers side by side).
@@ -36,6 +38,7 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
+from _oracle_model import oracle_attention  # noqa: E402
 from _recall import block_recall, oracle_keep, recall_summary, true_block_mass  # noqa: E402
 
 import sa_compile  # noqa: E402
@@ -233,6 +236,11 @@ def evaluate(args, model, tokenizer, text_ids, device, progress) -> list[dict]:
             if args.passkeys:
                 row["passkey"] = passkey_run(compiled, model, tokenizer, n, args.passkeys, device, say)
                 row["dense_passkey"] = refs[n]["passkey"]
+            if args.oracle:
+                say("oracle prefill (eager)")
+                with oracle_attention(model, cfg):
+                    oracle_logits = prefill(model, text_ids[:, :n]).logits[0, :-1]
+                row["oracle"] = token_metrics(oracle_logits, refs[n]["logits"], text_ids[0, 1:n])
             row["sa_compile_counters"] = check_sparse(model.config)
             rows.append(row)
         del compiled
@@ -249,13 +257,17 @@ def table(rows: list[dict]) -> str:
     def hits(result):
         return f"{round(result['accuracy'] * len(result['cases']))}/{len(result['cases'])}" if result else None
 
+    def oracle(result, key):
+        return result["oracle"][key] if "oracle" in result else None
+
     return common.markdown_table(
         ["N", "density", "realized", "ppl", "dense ppl", "ppl change", "top-1 agree", "KL", "recall mean / min",
-         "oracle recall mean / min", "passkey", "dense passkey"],
+         "oracle recall mean / min", "oracle ppl change", "oracle top-1", "oracle KL", "passkey", "dense passkey"],
         [[r["seq_len"], r["density"], r["realized_density"], r["ppl"], r["dense_ppl"], r["ppl_change"],
           r["top1_agreement"], r["kl"], f"{r['recall']['mean']:.3f} / {r['recall']['min']:.3f}",
-          f"{r['oracle_recall']['mean']:.3f} / {r['oracle_recall']['min']:.3f}", hits(r.get("passkey")),
-          hits(r.get("dense_passkey"))] for r in rows])
+          f"{r['oracle_recall']['mean']:.3f} / {r['oracle_recall']['min']:.3f}", oracle(r, "ppl_change"),
+          oracle(r, "top1_agreement"), oracle(r, "kl"), hits(r.get("passkey")), hits(r.get("dense_passkey"))]
+         for r in rows])
 
 
 def parse_args(argv=None):
@@ -268,6 +280,8 @@ def parse_args(argv=None):
     p.add_argument("--passkeys", type=int, default=20, help="passkey cases per length (0 to skip)")
     p.add_argument("--recall-layers", type=parse_layers, default=[0, 5, 10, 15, 20, 25, 29],
                    help="layers whose attention recall is measured (all their heads)")
+    p.add_argument("--oracle", action="store_true",
+                   help="also run the model with the oracle's blocks in every layer (eager, slow)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)

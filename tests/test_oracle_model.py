@@ -1,0 +1,74 @@
+"""The oracle model (benchmarks/_oracle_model.py): the blocks it keeps, its attention, its model hook."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sa_compile import SparseConfig
+from sa_compile.sparse_op import select_kept_blocks
+
+from .helpers import assert_close, attention_inputs, dense_reference, masked_reference, tiny_llama, token_mask
+from .test_recall import naive_block_mass
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _oracle_model import oracle_attention, oracle_block_attention, search_counts  # noqa: E402
+
+
+def naive_oracle_keep(mass_BHQK, counts_Q):
+    """Per row, the ``counts_Q[qb]`` causal blocks of most mass, one Python loop per row."""
+    keep = torch.zeros_like(mass_BHQK, dtype=torch.bool)
+    B, H, nb, _ = mass_BHQK.shape
+    for b in range(B):
+        for h in range(H):
+            for qb in range(nb):
+                top = torch.argsort(mass_BHQK[b, h, qb, : qb + 1], descending=True, stable=True)[: counts_Q[qb]]
+                keep[b, h, qb, top] = True
+    return keep
+
+
+@given(seed=st.integers(0, 2**16), seq_len=st.sampled_from([64, 100, 128]), density=st.sampled_from([0.2, 0.5]))
+def test_oracle_attention_equals_attention_under_the_naive_oracle_mask(seed, seq_len, density):
+    q, k, v = attention_inputs(seed, 1, 4, 2, seq_len, 16, torch.float32)
+    config = SparseConfig(density=density, block_size=16, min_seq_len=0)
+    keep = naive_oracle_keep(naive_block_mass(q, k, 16), search_counts(config, seq_len, "cpu"))
+    expected = masked_reference(q, k, v, token_mask(keep, 16, seq_len))
+    assert_close(oracle_block_attention(q, k, v, config, 16**-0.5), expected)
+
+
+def test_full_budget_is_dense_attention():
+    q, k, v = attention_inputs(3, 2, 4, 2, 100, 16, torch.float32)
+    config = SparseConfig(density=1.0, block_size=16, min_seq_len=0)
+    assert_close(oracle_block_attention(q, k, v, config, 16**-0.5), dense_reference(q, k, v))
+
+
+@pytest.mark.parametrize("seq_len,density", [(256, 0.1), (256, 0.3), (440, 0.2)])
+def test_counts_are_the_searchs_own(seq_len, density):
+    q, k, _ = attention_inputs(1, 1, 4, 2, seq_len, 16, torch.float32)
+    config = SparseConfig(density=density, block_size=16, min_seq_len=0)
+    kept_per_row = select_kept_blocks(q, k, config, 16**-0.5).sum(-1)
+    assert torch.equal(kept_per_row, search_counts(config, seq_len, "cpu").expand_as(kept_per_row))
+
+
+def test_model_hook_runs_the_oracle_and_restores_the_model():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        dense = model(ids).logits
+        with oracle_attention(model, SparseConfig(density=1.0, block_size=16, min_seq_len=0)):
+            full = model(ids).logits
+        with oracle_attention(model, SparseConfig(density=0.2, block_size=16, min_seq_len=0)):
+            sparse = model(ids).logits
+        after = model(ids).logits
+    assert_close(full, dense)
+    assert (sparse - dense).abs().max() > 1e-3  # a budget below the whole grid changes the answer
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(after, dense)
+
+
+def test_rejects_per_head_budgets():
+    with pytest.raises(ValueError, match="one budget"):
+        search_counts(SparseConfig(search_head_budgets=True), 4096, "cpu")
