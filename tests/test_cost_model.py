@@ -41,7 +41,8 @@ def test_kernel_flops_count_the_blocks_the_selection_keeps():
 def test_search_flops():
     cfg = SparseConfig(block_size=128, last_q=64)
     cost = attention_cost(32768, cfg, heads=32, head_dim=128)
-    assert cost["search_flops"] == 2 * 64 * 32768 * 128 * 32 + 2 * 256**2 * 128 * 32
+    last_q, row_aware, pooled = 2 * 64 * 32768, 2 * 256 * 512, 2 * 256**2  # per head and head-dim unit
+    assert cost["search_flops"] == (last_q + row_aware + pooled) * 128 * 32
 
 
 def test_a_flop_budget_pays_for_the_search_first():
