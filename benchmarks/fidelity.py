@@ -270,6 +270,25 @@ def table(rows: list[dict]) -> str:
          for r in rows])
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Quality against the computed fraction, per length: the search (solid) and, where run, the oracle (dashed)."""
+    metrics = [("ppl_change", 100, {"title": "perplexity change against dense", "ylabel": "perplexity change (%)",
+                                     "hline": 1.0, "logy": True}),
+               ("top1_agreement", 1, {"title": "next-token top-1 agreement", "ylabel": "top-1 agreement",
+                                      "hline": 0.98})]
+    panels = []
+    for key, scale, panel in metrics:
+        series = {}
+        for n in sorted({r["seq_len"] for r in rows}):
+            at_n = sorted((r for r in rows if r["seq_len"] == n), key=lambda r: r["realized_density"])
+            xs = [r["realized_density"] for r in at_n]
+            series[f"sa_compile, N={n}"] = (xs, [r[key] * scale for r in at_n])
+            if all("oracle" in r for r in at_n):
+                series[f"oracle, N={n}"] = (xs, [r["oracle"][key] * scale for r in at_n], {"linestyle": "--"})
+        panels.append({**panel, "xlabel": "fraction of attention computed", "series": series})
+    common.plot_panels(path, panels, "SmolLM2-135M-Instruct, sparse path forced on; dashed: the oracle's blocks")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--text", type=Path, help="long text for perplexity (default: the Debian license texts)")
@@ -313,6 +332,8 @@ def main(argv=None) -> None:
               "rows": rows}
     common.write_json(args.out / "fidelity.json", record)
     print(table(rows))
+    if len(rows) > 1:
+        plot(rows, args.out / "fidelity.png")
     progress(f"wrote {args.out / 'fidelity.json'}")
 
 

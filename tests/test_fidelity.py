@@ -130,3 +130,11 @@ def test_prefill_hands_the_model_row_major_ids():
     fidelity.prefill(model, text[:, :64])
     fidelity.prefill(model, torch.tensor([list(range(64))]))
     assert seen == [(64, 1), (64, 1)]
+
+
+def test_plot_draws_search_and_oracle_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    metrics = {"ppl_change": 0.05, "top1_agreement": 0.9}
+    rows = [{"seq_len": 2048, "realized_density": d, **metrics, "oracle": metrics} for d in (0.1, 0.3)]
+    fidelity.plot(rows, tmp_path / "fidelity.png")
+    assert (tmp_path / "fidelity.png").stat().st_size > 10_000
