@@ -30,6 +30,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -224,7 +225,8 @@ def evaluate(args, model, tokenizer, text_ids, device, progress) -> list[dict]:
     refs = {n: dense_reference(args, model, tokenizer, text_ids, n, device, progress.scoped(f"dense N={n}"))
             for n in args.lengths}
     for density in args.densities:
-        cfg = SparseConfig(density=density, block_size=args.block_size, min_seq_len=0)
+        cfg = SparseConfig(density=density, block_size=args.block_size, min_seq_len=0,
+                           search_head_budgets=args.search_head_budgets)
         compiled = torch.compile(model, backend=sa_compile.make_backend(cfg))
         for n in args.lengths:
             say = progress.scoped(f"density {density} N={n}")
@@ -238,7 +240,7 @@ def evaluate(args, model, tokenizer, text_ids, device, progress) -> list[dict]:
                 row["dense_passkey"] = refs[n]["passkey"]
             if args.oracle:
                 say("oracle prefill (eager)")
-                with oracle_attention(model, cfg):
+                with oracle_attention(model, replace(cfg, search_head_budgets=False)):  # same total
                     oracle_logits = prefill(model, text_ids[:, :n]).logits[0, :-1]
                 row["oracle"] = token_metrics(oracle_logits, refs[n]["logits"], text_ids[0, 1:n])
             row["sa_compile_counters"] = check_sparse(model.config)
@@ -299,6 +301,8 @@ def parse_args(argv=None):
     p.add_argument("--passkeys", type=int, default=20, help="passkey cases per length (0 to skip)")
     p.add_argument("--recall-layers", type=parse_layers, default=[0, 5, 10, 15, 20, 25, 29],
                    help="layers whose attention recall is measured (all their heads)")
+    p.add_argument("--search-head-budgets", action="store_true",
+                   help="share each layer's budget between heads per input (SparseConfig.search_head_budgets)")
     p.add_argument("--oracle", action="store_true",
                    help="also run the model with the oracle's blocks in every layer (eager, slow)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -326,7 +330,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"--recall-layers must lie in [0, {model.config.num_hidden_layers})")
     rows = evaluate(args, model, tokenizer, text_ids, device, progress)
     record = {"benchmark": "fidelity", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF)",
-              "text": str(args.text or "licenses"), "environment": common.environment(device), "block_size": args.block_size,
+              "text": str(args.text or "licenses"), "search_head_budgets": args.search_head_budgets,
+              "environment": common.environment(device), "block_size": args.block_size,
               "recall_layers": args.recall_layers, "passkey": {"cases": args.passkeys, "decode_steps": DECODE_STEPS,
                                                               "filler": FILLER, "question": QUESTION},
               "rows": rows}

@@ -47,7 +47,8 @@ def stages(config: SparseConfig, device):
         "pooled block scores": compile_(lambda q, k: pooled_block_scores(q, k, bs, q.shape[-1] ** -0.5), device),
         "estimate (all templates)": compile_(
             lambda q, k: estimate_block_scores(q, k, config, q.shape[-1] ** -0.5), device),
-        "block selection": compile_(lambda scores: select_block_lists(scores, config.density), device),
+        "block selection": compile_(
+            lambda scores: select_block_lists(scores, config.density, config.search_head_budgets), device),
         "BlockMask build": compile_(mask_tensors, device),
         "search + BlockMask (fused)": attention.sparse_search(config, device),
     }
@@ -66,11 +67,15 @@ def top_kernels(fn, device, count: int) -> list[dict]:
     return [{"name": e.key[:120], "ms": getattr(e, key) / 1e3, "calls": e.count} for e in events[:count]]
 
 
+def profiled_config(args) -> SparseConfig:
+    return SparseConfig(density=args.density, block_size=args.block_size, min_seq_len=0, pattern=args.pattern,
+                        taper_from=None, search_head_budgets=args.search_head_budgets)
+
+
 def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[dict], list[dict]]:
     label = common.length_label(n)
     q, k, v = attention.make_inputs(n, shape, device, args.seed)
-    config = SparseConfig(density=args.density, block_size=args.block_size, min_seq_len=0, pattern=args.pattern,
-                            taper_from=None)
+    config = profiled_config(args)
     fns = stages(config, device)
     base_label, dense = attention.dense_sdpa(q, k, v, device, progress.scoped(f"N={label}"))
     rows = []
@@ -116,6 +121,7 @@ def parse_args(argv=None):
                    metavar="{" + ",".join(kind.value for kind in PatternKind) + "}",
                    help=f"template that scores the blocks (default: {SparseConfig.pattern.value})")
     p.add_argument("--block-size", type=int, help="sparse block size (CUDA: 128, CPU: 32)")
+    p.add_argument("--search-head-budgets", action="store_true", help="profile SparseConfig.search_head_budgets")
     p.add_argument("--top", type=int, default=12, help="kernels listed per length")
     common.add_run_arguments(p, repeats=5, warmup=2)
     args = p.parse_args(argv)
@@ -138,8 +144,7 @@ def main(argv=None) -> None:
     env = common.environment(device)
     common.write_json(args.out / f"{name}.json", {
         "benchmark": "profile_search", "shape": {k: v for k, v in shape.items() if k != "lengths"} | {"batch": 1},
-        "config": SparseConfig(density=args.density, block_size=args.block_size, min_seq_len=0, taper_from=None,
-                               pattern=args.pattern).describe(),
+        "config": profiled_config(args).describe(),
         "environment": env, "timing": {"repeats": args.repeats, "warmup": args.warmup, "statistic": "median"},
         "stages": rows, "top_kernels": kernels})
     print(common.markdown_table(["N", "stage", "ms", "share of dense SDPA"],

@@ -7,8 +7,10 @@ GPU) with planted sinks, heavy columns, a RoPE local band and two lookups
 - the real op (``torch.compile(sparse_attention)``): its output's relative error against
   dense SDPA, ``||o - o_dense|| / ||o_dense||``, and its recall (share of the true dense
   attention mass inside the blocks it kept);
-- the oracle: per query block, the blocks holding the most true mass, at the search's own
-  per-row counts (so the same cost), run through FlexAttention; its error and recall;
+- the oracle: per query block, the blocks holding the most true mass, at the per-row counts the
+  density gives every head (the search's own counts, so the same cost; with
+  ``--search-head-budgets`` the search shares that total between heads per input instead),
+  run through FlexAttention;
 - their ratio ``err / oracle_err`` (target: at most 1.25).
 
 The true block mass is computed in float32 one chunk of query rows at a time (never N x N).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -31,12 +34,12 @@ from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
+from _oracle_model import search_counts  # noqa: E402
 from _recall import block_recall, oracle_keep, recall_summary, selection_block_mask, true_block_mass  # noqa: E402
 from _structured_inputs import structured_inputs  # noqa: E402
 from attention import dense_sdpa  # noqa: E402  (cuDNN SDPA where it runs, as the attention benchmark)
 
 from sa_compile import SparseConfig, sparse_attention  # noqa: E402
-from sa_compile.selection import realized_density  # noqa: E402
 
 GPU_DEFAULTS = {"lengths": "32k,64k,128k", "block_size": 128, "dtype": "bfloat16"}
 CPU_DEFAULTS = {"lengths": "2k,4k", "block_size": 64, "dtype": "float32"}
@@ -81,23 +84,32 @@ def _side(err_H1: torch.Tensor, recall_BH: torch.Tensor) -> dict:
             "recall_H": recall_BH[0].tolist()}
 
 
+def sparse_config(density: float, args) -> SparseConfig:
+    return SparseConfig(density=density, block_size=args.block_size, min_seq_len=0, taper_from=None,
+                        search_head_budgets=args.search_head_budgets)
+
+
 def measure_density(density, q, k, v, mass, dense, args, ops, say) -> tuple[dict, float]:
     """The search and the oracle at one density; returns the row and seconds spent compiling."""
     n, bs = q.shape[-2], args.block_size
-    cfg = SparseConfig(density=density, block_size=bs, min_seq_len=0, taper_from=None)
+    cfg = sparse_config(density, args)
     (out, keep), compile_s = timed_call(partial(ops.sparse, q, k, v, cfg, return_keep=True), q.device, say,
                                         "sparse op")
     search = _side(rel_error_per_head(out, dense), block_recall(mass, keep))
     del out
-    counts_BHQ = keep.sum(-1)
+    # The oracle keeps the uniform per-row counts of the density; with search_head_budgets the
+    # search shares the same total between heads, and both must fit the same budget.
+    counts_BHQ = search_counts(replace(cfg, search_head_budgets=False), n, q.device).expand(keep.shape[:3])
+    if not cfg.search_head_budgets and not torch.equal(keep.sum(-1), counts_BHQ):
+        raise RuntimeError("the search kept other per-row counts than the density gives")
     best = oracle_keep(mass, counts_BHQ)
-    if not torch.equal(best.sum(-1), counts_BHQ):
-        raise RuntimeError("the oracle kept a different number of blocks than the search")
     mask = selection_block_mask(best, bs, n)
     oracle_out, more = timed_call(partial(ops.flex, q, k, v, mask), q.device, say, "oracle flex")
     oracle = _side(rel_error_per_head(oracle_out, dense), block_recall(mass, best))
     err_ratio_H = torch.tensor(search["rel_err_H"]) / torch.tensor(oracle["rel_err_H"]).clamp(min=1e-12)
-    row = {"seq_len": n, "density": density, "realized_density": realized_density(n, cfg), "search": search,
+    causal_blocks = keep.shape[0] * keep.shape[1] * keep.shape[2] * (keep.shape[2] + 1) / 2
+    row = {"seq_len": n, "density": density, "realized_density": float(keep.sum()) / causal_blocks,
+           "oracle_realized_density": float(best.sum()) / causal_blocks, "search": search,
            "oracle": oracle, "err_ratio": search["rel_err"] / max(oracle["rel_err"], 1e-12),
            "err_ratio_worst_head": float(err_ratio_H.max())}
     row["meets_target"] = row["err_ratio"] <= ERR_RATIO_TARGET
@@ -138,10 +150,11 @@ def measure_length(n: int, args, ops, device, progress) -> tuple[list[dict], dic
 
 
 def table(rows: list[dict]) -> str:
-    headers = ["N", "density", "realized", "search err", "oracle err", "err ratio", "worst-head ratio",
+    headers = ["N", "density", "realized (search / oracle)", "search err", "oracle err", "err ratio", "worst-head ratio",
                "search recall mean / min", "oracle recall mean / min", "dense flex err"]
     return common.markdown_table(headers, [
-        [common.length_label(r["seq_len"]), r["density"], r["realized_density"], r["search"]["rel_err"],
+        [common.length_label(r["seq_len"]), r["density"], f"{r['realized_density']:.4f} / {r['oracle_realized_density']:.4f}",
+         r["search"]["rel_err"],
          r["oracle"]["rel_err"], r["err_ratio"], r["err_ratio_worst_head"],
          f"{r['search']['recall']['mean']:.3f} / {r['search']['recall']['min']:.3f}",
          f"{r['oracle']['recall']['mean']:.3f} / {r['oracle']['recall']['min']:.3f}", r["floor_rel_err"]]
@@ -158,6 +171,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", help="GPU: bfloat16, CPU: float32")
+    p.add_argument("--search-head-budgets", action="store_true",
+                   help="share each density's block budget between heads per input (SparseConfig.search_head_budgets)")
     p.add_argument("--chunk-gib", type=float, default=1.0, help="float32 logits per chunk of the true-mass loop")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -199,8 +214,7 @@ def main(argv=None) -> None:
               "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
                         "dtype": args.dtype, "batch": 1},
               "block_size": args.block_size, "seed": args.seed, "err_ratio_target": ERR_RATIO_TARGET,
-              "sparse_configs": {f"{d:g}": SparseConfig(density=d, block_size=args.block_size, min_seq_len=0, taper_from=None)
-                                 .describe() for d in args.densities},
+              "sparse_configs": {f"{d:g}": sparse_config(d, args).describe() for d in args.densities},
               "lengths": lengths, "rows": rows}
     common.write_json(args.out / f"{name}.json", record)
     text = table(rows)

@@ -50,7 +50,7 @@ class SparseConfig:
         pattern: which template scores the blocks (see :class:`PatternKind`).
         search_head_budgets: share the layer's block budget between its heads by estimated
             mass per block of kernel work (a per-input search), instead of giving every
-            head the same count. The layer total stays within ``density``.
+            head the same count. The layer computes no more blocks than with equal counts.
         patterns: path of a calibrated pattern table (JSON, see :mod:`sa_compile.patterns`
             and ``python -m sa_compile.calibrate``). Each head then uses the kind and budget
             the table gives it, in place of ``density``, ``taper_from`` and ``pattern``; the

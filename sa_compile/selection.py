@@ -103,7 +103,7 @@ def grid_cost(k: torch.Tensor, num_blocks_) -> torch.Tensor:
     return k * num_blocks_ - k * (k - 1) // 2
 
 
-def head_blocks_per_row(sorted_BHQK: torch.Tensor, density: float, iterations: int = 24) -> torch.Tensor:
+def head_blocks_per_row(sorted_BHQK: torch.Tensor, density, iterations: int = 24) -> torch.Tensor:
     """Per-head block counts that maximize the estimated mass kept within the layer budget.
 
     Raising head h's count from K to K+1 adds the (K+1)-th best block of every row that has
@@ -111,7 +111,9 @@ def head_blocks_per_row(sorted_BHQK: torch.Tensor, density: float, iterations: i
     non-increasing, the best allocation for a budget keeps, in every head, all steps whose
     gain per block is at least one shared price; a fixed-length bisection over that price
     (tensor ops only, no host sync) finds the cheapest price whose allocation fits the
-    budget of ``density`` of every head's causal grid. Returns ``k_BH`` (int64, >= 2).
+    budget: what the uniform split of ``density`` computes (:func:`blocks_per_row` in every
+    head), so searching moves blocks between heads and never adds any. Returns ``k_BH``
+    (int64, >= 2).
     """
     B, H, nb, _ = sorted_BHQK.shape
     idx = torch.arange(nb, device=sorted_BHQK.device)
@@ -121,7 +123,7 @@ def head_blocks_per_row(sorted_BHQK: torch.Tensor, density: float, iterations: i
     gains = torch.where(scored_step_QK & torch.isfinite(sorted_BHQK), sorted_BHQK, 0.0)
     per_block_BHK = gains.sum(-2) / (nb - idx).clamp(min=1)
     per_block_BHK = torch.where(idx < 2, float("inf"), per_block_BHK).cummin(-1).values
-    budget_B = density * H * causal_block_count(nb)
+    budget_B = H * grid_cost(blocks_per_row(nb, density, sorted_BHQK.device), nb)
 
     def allocation(price_B):
         taken = (per_block_BHK >= price_B[:, None, None]).sum(-1)
@@ -152,7 +154,7 @@ def realized_density(seq_len: int, config) -> float:
     Returns 1.0 below ``config.min_seq_len``, where attention stays dense. The budget is
     ``config.density_at(nb)`` (it tapers past ``config.taper_from``). With
     ``search_head_budgets`` the split between heads depends on the input and this is the
-    uniform split's total, which the searched split never exceeds by more than the floor.
+    uniform split's total, which the searched split never exceeds.
     With ``config.patterns`` it is the table's total over all its layers and heads
     (:meth:`PatternTable.computed_fraction`).
     """

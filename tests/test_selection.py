@@ -112,19 +112,17 @@ def test_realized_density_is_dense_below_min_seq_len():
 
 @given(seed=st.integers(0, 2**16), nb=st.integers(64, 128), density=st.floats(0.05, 0.3))
 def test_searched_head_budgets_spend_the_layer_budget(seed, nb, density):
-    """The layer total stays within the budget and lands within 5% of it (32 heads)."""
+    """The layer total stays within what the uniform split computes and lands within 5% of it
+    (32 heads): the search moves blocks between heads, it adds none."""
     gen = torch.Generator().manual_seed(seed)
     heads = 32
     sharpness = 1 + 10 * torch.rand(1, heads, 1, 1, generator=gen)
     scores = torch.rand(1, heads, nb, nb, generator=gen) ** sharpness
     keep = select_blocks(scores, density, search_head_budgets=True)
-    budget = density * heads * causal_block_count(nb)
-    floor = heads * grid_cost(2, nb)
+    budget = int(select_blocks(scores, density).sum())
+    assert budget <= max(density * heads * causal_block_count(nb), heads * grid_cost(2, nb))
     cost = int(keep.sum())
-    if budget >= floor:
-        assert 0.95 * budget <= cost <= budget
-    else:
-        assert cost == floor
+    assert 0.95 * budget <= cost <= budget
     rows = torch.arange(nb)
     assert keep[..., rows, rows].all() and keep[..., :, 0].all()
     assert not keep[..., rows[:, None] < rows[None, :]].any()
@@ -146,5 +144,5 @@ def test_searched_head_budgets_go_where_the_mass_is_spread():
     per_head = searched.sum((-1, -2))[0]
     assert per_head[0] == per_head[1] == grid_cost(2, nb), "local and column heads need only the floor"
     assert per_head[2] > uniform.sum((-1, -2))[0, 2]
-    assert searched.sum() <= 0.2 * 3 * causal_block_count(nb)
+    assert searched.sum() <= uniform.sum()
     assert (scores * searched).sum() > (scores * uniform).sum()
