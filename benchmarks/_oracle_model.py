@@ -28,10 +28,11 @@ _NAME = "sa_compile_oracle"
 
 
 def search_counts(config: SparseConfig, seq_len: int, device) -> torch.Tensor:
-    """Blocks per query-block row the search keeps at ``seq_len`` (``[nb]`` int64): ``min(K, qb + 1)``."""
-    if config.patterns or config.search_head_budgets:
-        raise ValueError("the oracle model follows one budget for every head: "
-                         "use a config without patterns or search_head_budgets")
+    """Blocks per query-block row of the uniform split at ``seq_len`` (``[nb]`` int64):
+    ``min(K, qb + 1)``. The search keeps exactly these; with ``search_head_budgets`` it
+    spends the same total, shared between heads."""
+    if config.patterns:
+        raise ValueError("the oracle model follows one budget for every head: use a config without patterns")
     nb = -(-seq_len // config.block_size)
     k = blocks_per_row(nb, config.density_at(nb), device)
     return torch.minimum(k, torch.arange(nb, device=device) + 1)

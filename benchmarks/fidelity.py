@@ -30,7 +30,6 @@ import os
 import random
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -240,7 +239,7 @@ def evaluate(args, model, tokenizer, text_ids, device, progress) -> list[dict]:
                 row["dense_passkey"] = refs[n]["passkey"]
             if args.oracle:
                 say("oracle prefill (eager)")
-                with oracle_attention(model, replace(cfg, search_head_budgets=False)):  # same total
+                with oracle_attention(model, cfg):
                     oracle_logits = prefill(model, text_ids[:, :n]).logits[0, :-1]
                 row["oracle"] = token_metrics(oracle_logits, refs[n]["logits"], text_ids[0, 1:n])
             row["sa_compile_counters"] = check_sparse(model.config)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -99,7 +98,7 @@ def measure_density(density, q, k, v, mass, dense, args, ops, say) -> tuple[dict
     del out
     # The oracle keeps the uniform per-row counts of the density; with search_head_budgets the
     # search shares the same total between heads, and both must fit the same budget.
-    counts_BHQ = search_counts(replace(cfg, search_head_budgets=False), n, q.device).expand(keep.shape[:3])
+    counts_BHQ = search_counts(cfg, n, q.device).expand(keep.shape[:3])
     if not cfg.search_head_budgets and not torch.equal(keep.sum(-1), counts_BHQ):
         raise RuntimeError("the search kept other per-row counts than the density gives")
     best = oracle_keep(mass, counts_BHQ)

@@ -69,6 +69,8 @@ def test_model_hook_runs_the_oracle_and_restores_the_model():
     assert torch.equal(after, dense)
 
 
-def test_rejects_per_head_budgets():
+def test_head_budget_configs_get_the_uniform_counts_and_tables_are_refused(tmp_path):
+    uniform = search_counts(SparseConfig(), 65536, "cpu")
+    assert torch.equal(search_counts(SparseConfig(search_head_budgets=True), 65536, "cpu"), uniform)
     with pytest.raises(ValueError, match="one budget"):
-        search_counts(SparseConfig(search_head_budgets=True), 4096, "cpu")
+        search_counts(SparseConfig(patterns=str(tmp_path / "table.json")), 4096, "cpu")
