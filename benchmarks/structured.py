@@ -39,6 +39,7 @@ from _structured_inputs import structured_inputs  # noqa: E402
 from attention import dense_sdpa  # noqa: E402  (cuDNN SDPA where it runs, as the attention benchmark)
 
 from sa_compile import SparseConfig, sparse_attention  # noqa: E402
+from sa_compile.selection import causal_block_count  # noqa: E402
 
 GPU_DEFAULTS = {"lengths": "32k,64k,128k", "block_size": 128, "dtype": "bfloat16"}
 CPU_DEFAULTS = {"lengths": "2k,4k", "block_size": 64, "dtype": "float32"}
@@ -106,7 +107,7 @@ def measure_density(density, q, k, v, mass, dense, args, ops, say) -> tuple[dict
     oracle_out, more = timed_call(partial(ops.flex, q, k, v, mask), q.device, say, "oracle flex")
     oracle = _side(rel_error_per_head(oracle_out, dense), block_recall(mass, best))
     err_ratio_H = torch.tensor(search["rel_err_H"]) / torch.tensor(oracle["rel_err_H"]).clamp(min=1e-12)
-    causal_blocks = keep.shape[0] * keep.shape[1] * keep.shape[2] * (keep.shape[2] + 1) / 2
+    causal_blocks = keep.shape[0] * keep.shape[1] * causal_block_count(keep.shape[2])
     row = {"seq_len": n, "density": density, "realized_density": float(keep.sum()) / causal_blocks,
            "oracle_realized_density": float(best.sum()) / causal_blocks, "search": search,
            "oracle": oracle, "err_ratio": search["rel_err"] / max(oracle["rel_err"], 1e-12),
