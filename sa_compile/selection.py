@@ -103,40 +103,48 @@ def grid_cost(k: torch.Tensor, num_blocks_) -> torch.Tensor:
     return k * num_blocks_ - k * (k - 1) // 2
 
 
-def head_blocks_per_row(sorted_BHQK: torch.Tensor, density, iterations: int = 24) -> torch.Tensor:
+def head_blocks_per_row(sorted_BHQK: torch.Tensor, density, rounds: int = 4,
+                        candidates: int = 256) -> torch.Tensor:
     """Per-head block counts that maximize the estimated mass kept within the layer budget.
 
     Raising head h's count from K to K+1 adds the (K+1)-th best block of every row that has
     one: mass ``gain_h(K)`` for ``nb - K`` blocks of kernel work. With the gain per block made
     non-increasing, the best allocation for a budget keeps, in every head, all steps whose
-    gain per block is at least one shared price; a fixed-length bisection over that price
-    (tensor ops only, no host sync) finds the cheapest price whose allocation fits the
-    budget: what the uniform split of ``density`` computes (:func:`blocks_per_row` in every
-    head), so searching moves blocks between heads and never adds any. Returns ``k_BH``
-    (int64, >= 2).
+    gain per block is at least one shared price. The cheapest price whose allocation fits the
+    budget (what the uniform split of ``density`` computes, :func:`blocks_per_row` in every
+    head, so searching moves blocks between heads and never adds any) is bracketed by rounds
+    that each try ``candidates`` prices at once. Prices are searched as the bit patterns of
+    float32 (for non-negative floats, ordered as the values), so the defaults' 2**32 steps
+    separate any two distinct gains, tiny ones too, in four rounds of tensor ops: a small
+    compiled graph and no host sync. Returns ``k_BH`` (int64, >= 2).
     """
     B, H, nb, _ = sorted_BHQK.shape
-    idx = torch.arange(nb, device=sorted_BHQK.device)
+    device = sorted_BHQK.device
+    idx = torch.arange(nb, device=device)
     rows_with_step_QK = idx[:, None] >= idx[None, :]  # row qb has a (K+1)-th block when K <= qb
     # Steps 0 and 1 (diagonal, sink) are always taken; later steps in non-increasing value.
     scored_step_QK = rows_with_step_QK & (idx[None, :] >= 2)
-    gains = torch.where(scored_step_QK & torch.isfinite(sorted_BHQK), sorted_BHQK, 0.0)
-    per_block_BHK = gains.sum(-2) / (nb - idx).clamp(min=1)
+    gains = torch.where(scored_step_QK & torch.isfinite(sorted_BHQK), sorted_BHQK.float(), 0.0)
+    per_block_BHK = (gains.sum(-2) / (nb - idx).clamp(min=1)).clamp(min=0.0) + 0.0  # no -0.0
     per_block_BHK = torch.where(idx < 2, float("inf"), per_block_BHK).cummin(-1).values
-    budget_B = H * grid_cost(blocks_per_row(nb, density, sorted_BHQK.device), nb)
+    price_BHK = per_block_BHK.view(torch.int32).to(torch.int64)  # ordered as the values
+    budget_B = H * grid_cost(blocks_per_row(nb, density, device), nb)
 
-    def allocation(price_B):
-        taken = (per_block_BHK >= price_B[:, None, None]).sum(-1)
+    def allocation(price_CB):  # a price per batch entry -> steps taken per head
+        taken = (price_BHK >= price_CB[..., None, None]).sum(-1)
         return taken.clamp(min=2, max=nb)  # clamp gives nb when nb < 2
 
-    low = torch.zeros(B, device=sorted_BHQK.device)  # takes everything
-    high = per_block_BHK.masked_fill(torch.isinf(per_block_BHK), 0.0).amax((-2, -1)) + 1.0  # only the floor
-    for _ in range(iterations):
-        mid = (low + high) / 2
-        fits = grid_cost(allocation(mid), nb).sum(-1) <= budget_B
-        high = torch.where(fits, mid, high)
-        low = torch.where(fits, low, mid)
-    return allocation(high)
+    low_B = torch.full((B,), -1, dtype=torch.int64, device=device)  # below every gain: may not fit
+    finite_BHK = torch.where(torch.isinf(per_block_BHK), 0, price_BHK)
+    high_B = finite_BHK.amax((-2, -1)) + 1  # above every gain: only the floor, which fits
+    step_C = torch.arange(1, candidates, device=device)
+    for _ in range(rounds):
+        price_CB = torch.cat([low_B + (high_B - low_B) * step_C[:, None] // candidates, high_B[None]])
+        fits_CB = grid_cost(allocation(price_CB), nb).sum(-1) <= budget_B
+        first_B = fits_CB.to(torch.int32).argmax(0)  # the last candidate, high_B, always fits
+        high_B = price_CB.gather(0, first_B[None])[0]
+        low_B = torch.where(first_B > 0, price_CB.gather(0, (first_B - 1).clamp(min=0)[None])[0], low_B)
+    return allocation(high_B)
 
 
 def diagonal_only(batch: int, heads: int, num_blocks_, device) -> tuple[torch.Tensor, torch.Tensor]:

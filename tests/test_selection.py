@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from sa_compile import SparseConfig
 from sa_compile.selection import (
     blocks_per_row, causal_block_count, diagonal_only, grid_cost, keep_mask, realized_density, select_block_lists,
-    select_blocks, tapered_density,
+    head_blocks_per_row, rank_blocks, select_blocks, tapered_density,
 )
 
 
@@ -27,8 +27,11 @@ def test_full_density_keeps_every_causal_block():
     for nb in (1, 2, 7, 64):
         assert int(blocks_per_row(nb, 1.0, "cpu")) == nb
     scores = torch.rand(1, 2, 9, 9)
-    keep = select_blocks(scores, 1.0)
-    assert torch.equal(keep, torch.ones(9, 9, dtype=torch.bool).tril().expand_as(keep))
+    scores[..., 3] = 0.0  # steps of no estimated mass: a full budget still takes them
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    for search_head_budgets in (False, True):
+        keep = select_blocks(scores, 1.0, search_head_budgets)
+        assert torch.equal(keep, causal.expand_as(keep))
 
 
 @given(seed=st.integers(0, 2**16), nb=st.integers(1, 40), density=st.floats(0.01, 1.0))
@@ -126,6 +129,38 @@ def test_searched_head_budgets_spend_the_layer_budget(seed, nb, density):
     rows = torch.arange(nb)
     assert keep[..., rows, rows].all() and keep[..., :, 0].all()
     assert not keep[..., rows[:, None] < rows[None, :]].any()
+
+
+def cheapest_fitting_allocation(sorted_BHQK, budget):
+    """Every distinct price tried one at a time: the smallest whose allocation fits."""
+    _, H, nb, _ = sorted_BHQK.shape
+    per_block = []
+    for h in range(H):
+        steps = [float("inf"), float("inf")]
+        for k in range(2, nb):
+            row_gains = [float(sorted_BHQK[0, h, qb, k]) for qb in range(k, nb)]
+            steps.append(min(steps[-1], sum(row_gains) / (nb - k)))
+        per_block.append(steps)
+
+    def allocation(price):
+        return [min(nb, max(2, sum(step >= price for step in steps))) for steps in per_block]
+
+    prices = sorted({0.0, *(step for steps in per_block for step in steps if step != float("inf"))})
+    for price in prices:
+        taken = allocation(price)
+        if sum(int(grid_cost(k, nb)) for k in taken) <= budget:
+            return taken
+    return allocation(float("inf"))
+
+
+@given(seed=st.integers(0, 2**16), heads=st.integers(1, 6), nb=st.integers(1, 24), density=st.floats(0.05, 1.0))
+def test_head_budget_price_search_matches_trying_every_price(seed, heads, nb, density):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(1, heads, nb, nb, generator=gen) ** (1 + 8 * torch.rand(1, heads, 1, 1, generator=gen))
+    scores = torch.where(torch.ones(nb, nb, dtype=torch.bool).tril(), scores, float("-inf"))
+    _, sorted_BHQK = rank_blocks(scores)
+    budget = heads * int(grid_cost(blocks_per_row(nb, density, "cpu"), nb))
+    assert head_blocks_per_row(sorted_BHQK, density)[0].tolist() == cheapest_fitting_allocation(sorted_BHQK, budget)
 
 
 def test_searched_head_budgets_go_where_the_mass_is_spread():
