@@ -73,18 +73,16 @@ def make_systems(args, base: sa_compile.SparseConfig) -> list[System]:
             systems.append(System(name, base))
         elif name == "sa_compile+heads":
             systems.append(System(name, replace(base, search_head_budgets=True)))
-        elif name == "sa_compile+equal":
-            systems.append(System(name, replace(base, search_head_budgets=False)))
         elif name == "sa_compile+table":
             if args.patterns is None:
                 raise SystemExit("system sa_compile+table needs --patterns FILE or --calibrate N")
-            systems.append(System(name, replace(base, patterns=str(args.patterns), search_head_budgets=None)))
+            systems.append(System(name, replace(base, patterns=str(args.patterns))))
         elif name.startswith("sa_compile@"):
             density = float(name.split("@", 1)[1])
             systems.append(System(f"sa_compile@{density:g}", replace(base, density=density)))
         else:
             raise SystemExit(f"unknown system {name!r}: use eager, inductor, sa_compile, sa_compile@<density>, "
-                             "sa_compile+heads, sa_compile+equal or sa_compile+table")
+                             "sa_compile+heads or sa_compile+table")
     return systems
 
 
@@ -276,8 +274,7 @@ def parse_args(argv=None):
     p.add_argument("--lengths", help=f"comma list, 4k style allowed (tiny: {TINY_LENGTHS}; 8B: {LLAMA_LENGTHS})")
     p.add_argument("--systems", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    help="subset of: eager, inductor, sa_compile, sa_compile@<density>, sa_compile+heads "
-                        "(per-input head budgets, the default), sa_compile+equal (one count for every "
-                        "head), sa_compile+table "
+                        "(per-input head budgets), sa_compile+table "
                         "(default: all)")
     p.add_argument("--densities", type=common.parse_floats, default=[0.05],
                    help="extra sa_compile densities, each run as sa_compile@<d> (default 0.05)")

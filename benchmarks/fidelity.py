@@ -300,9 +300,8 @@ def parse_args(argv=None):
     p.add_argument("--passkeys", type=int, default=20, help="passkey cases per length (0 to skip)")
     p.add_argument("--recall-layers", type=parse_layers, default=[0, 5, 10, 15, 20, 25, 29],
                    help="layers whose attention recall is measured (all their heads)")
-    p.add_argument("--search-head-budgets", action=argparse.BooleanOptionalAction,
-                   help="share each layer's block budget between heads per input, or give every head "
-                        "the same count (default: SparseConfig's, on)")
+    p.add_argument("--search-head-budgets", action="store_true",
+                   help="share each layer's budget between heads per input (SparseConfig.search_head_budgets)")
     p.add_argument("--oracle", action="store_true",
                    help="also run the model with the oracle's blocks in every layer (eager, slow)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -330,8 +329,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"--recall-layers must lie in [0, {model.config.num_hidden_layers})")
     rows = evaluate(args, model, tokenizer, text_ids, device, progress)
     record = {"benchmark": "fidelity", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF)",
-              "text": str(args.text or "licenses"),
-              "search_head_budgets": SparseConfig(search_head_budgets=args.search_head_budgets).search_head_budgets,
+              "text": str(args.text or "licenses"), "search_head_budgets": args.search_head_budgets,
               "environment": common.environment(device), "block_size": args.block_size,
               "recall_layers": args.recall_layers, "passkey": {"cases": args.passkeys, "decode_steps": DECODE_STEPS,
                                                               "filler": FILLER, "question": QUESTION},

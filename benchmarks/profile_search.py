@@ -121,9 +121,7 @@ def parse_args(argv=None):
                    metavar="{" + ",".join(kind.value for kind in PatternKind) + "}",
                    help=f"template that scores the blocks (default: {SparseConfig.pattern.value})")
     p.add_argument("--block-size", type=int, help="sparse block size (CUDA: 128, CPU: 32)")
-    p.add_argument("--search-head-budgets", action=argparse.BooleanOptionalAction,
-                   help="share each layer's block budget between heads per input, or give every head "
-                        "the same count (default: SparseConfig's, on)")
+    p.add_argument("--search-head-budgets", action="store_true", help="profile SparseConfig.search_head_budgets")
     p.add_argument("--top", type=int, default=12, help="kernels listed per length")
     common.add_run_arguments(p, repeats=5, warmup=2)
     args = p.parse_args(argv)

@@ -8,9 +8,9 @@ GPU) with planted sinks, heavy columns, a RoPE local band and two lookups
   dense SDPA, ``||o - o_dense|| / ||o_dense||``, and its recall (share of the true dense
   attention mass inside the blocks it kept);
 - the oracle: per query block, the blocks holding the most true mass, at the per-row counts the
-  density gives every head, so at the search's cost (the search shares that total between
-  heads per input, or with ``--no-search-head-budgets`` keeps exactly these counts), run
-  through FlexAttention;
+  density gives every head (the search's own counts, so the same cost; with
+  ``--search-head-budgets`` the search shares that total between heads per input instead),
+  run through FlexAttention;
 - their ratio ``err / oracle_err`` (target: at most 1.25).
 
 The true block mass is computed in float32 one chunk of query rows at a time (never N x N).
@@ -171,9 +171,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", help="GPU: bfloat16, CPU: float32")
-    p.add_argument("--search-head-budgets", action=argparse.BooleanOptionalAction,
-                   help="share each layer's block budget between heads per input, or give every head "
-                        "the same count (default: SparseConfig's, on)")
+    p.add_argument("--search-head-budgets", action="store_true",
+                   help="share each density's block budget between heads per input (SparseConfig.search_head_budgets)")
     p.add_argument("--chunk-gib", type=float, default=1.0, help="float32 logits per chunk of the true-mass loop")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)

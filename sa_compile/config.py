@@ -49,10 +49,8 @@ class SparseConfig:
         last_q: how many of the last queries estimate the vertical-slash pattern.
         pattern: which template scores the blocks (see :class:`PatternKind`).
         search_head_budgets: share the layer's block budget between its heads by estimated
-            mass per block of kernel work (a per-input search) instead of giving every head
-            the same count; the layer computes no more blocks than with equal counts.
-            ``None`` (the default) resolves to ``True``, or to ``False`` when ``patterns``
-            is set (the table gives each head its budget).
+            mass per block of kernel work (a per-input search), instead of giving every
+            head the same count. The layer computes no more blocks than with equal counts.
         patterns: path of a calibrated pattern table (JSON, see :mod:`sa_compile.patterns`
             and ``python -m sa_compile.calibrate``). Each head then uses the kind and budget
             the table gives it, in place of ``density``, ``taper_from`` and ``pattern``; the
@@ -70,7 +68,7 @@ class SparseConfig:
     taper_from: int | None = 32768
     last_q: int = 64
     pattern: PatternKind = PatternKind.AUTO
-    search_head_budgets: bool | None = None
+    search_head_budgets: bool = False
     patterns: str | None = None
 
     def __post_init__(self) -> None:
@@ -84,14 +82,12 @@ class SparseConfig:
                "taper_from", self.taper_from, "None or an integer >= block_size")
         _check(_is_int(self.last_q) and 1 <= self.last_q <= 4096,
                "last_q", self.last_q, "an integer in [1, 4096]")
+        _check(isinstance(self.search_head_budgets, bool),
+               "search_head_budgets", self.search_head_budgets, "True or False")
         if isinstance(self.patterns, os.PathLike):
             object.__setattr__(self, "patterns", os.fspath(self.patterns))
         _check(self.patterns is None or (isinstance(self.patterns, str) and self.patterns != ""),
                "patterns", self.patterns, "None or the path of a pattern table")
-        if self.search_head_budgets is None:
-            object.__setattr__(self, "search_head_budgets", self.patterns is None)
-        _check(isinstance(self.search_head_budgets, bool),
-               "search_head_budgets", self.search_head_budgets, "True, False or None")
         _check(not (self.patterns and self.search_head_budgets),
                "search_head_budgets", self.search_head_budgets,
                "False when patterns is set (the table already gives each head its budget)")

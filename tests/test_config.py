@@ -23,19 +23,12 @@ def test_defaults_and_description():
     cfg = SparseConfig()
     assert cfg.describe() == {
         "density": 0.1, "block_size": 128, "min_seq_len": 16384, "taper_from": 32768, "last_q": 64,
-        "pattern": "auto", "search_head_budgets": True, "patterns": None,
+        "pattern": "auto", "search_head_budgets": False, "patterns": None,
     }
     assert SparseConfig(pattern=PatternKind.VERTICAL_SLASH).describe()["pattern"] == "vertical_slash"
     odd = SparseConfig(density=0.3, block_size=32, min_seq_len=7, taper_from=None, last_q=9,
-                       pattern=PatternKind.BLOCK_SPARSE, search_head_budgets=False)
+                       pattern=PatternKind.BLOCK_SPARSE, search_head_budgets=True)
     assert SparseConfig.from_fields(odd.describe()) == odd
-
-
-def test_head_budgets_default_on_unless_a_pattern_table_gives_them():
-    assert SparseConfig().search_head_budgets is True
-    assert SparseConfig() == SparseConfig(search_head_budgets=True)
-    assert SparseConfig(patterns="t.json").search_head_budgets is False
-    assert SparseConfig(search_head_budgets=False).search_head_budgets is False
 
 
 def test_density_tapers_past_taper_from():
