@@ -22,20 +22,19 @@ import torch.nn.functional as F
 from _recall import oracle_keep, true_block_mass
 
 from sa_compile import SparseConfig
-from sa_compile.selection import blocks_per_row
+from sa_compile.selection import blocks_per_row, row_counts
 
 _NAME = "sa_compile_oracle"
 
 
 def search_counts(config: SparseConfig, seq_len: int, device) -> torch.Tensor:
-    """Blocks per query-block row of the uniform split at ``seq_len`` (``[nb]`` int64):
-    ``min(K, qb + 1)``. The search keeps exactly these; with ``search_head_budgets`` it
-    spends the same total, shared between heads."""
+    """Blocks per query-block row of the uniform split at ``seq_len`` (``[nb]`` int64), by
+    :func:`~sa_compile.selection.row_counts`. The search keeps exactly these; with
+    ``search_head_budgets`` it spends the same total, shared between heads."""
     if config.patterns:
         raise ValueError("the oracle model follows one budget for every head: use a config without patterns")
     nb = -(-seq_len // config.block_size)
-    k = blocks_per_row(nb, config.density_at(nb), device)
-    return torch.minimum(k, torch.arange(nb, device=device) + 1)
+    return row_counts(blocks_per_row(nb, config.density_at(nb), device), nb, device)
 
 
 def oracle_block_attention(q_BHND, k_BGND, v_BGND, config: SparseConfig, scale: float) -> torch.Tensor:

@@ -28,6 +28,12 @@ def blocks_per_row(num_blocks_, density: float, device) -> torch.Tensor:
     return k.clamp(min=torch.clamp(nb, max=2.0), max=nb).to(torch.int64)
 
 
+def row_counts(k: torch.Tensor, num_blocks_, device) -> torch.Tensor:
+    """Blocks row ``qb`` keeps under a per-row count ``k``: ``min(k, qb + 1)``, along a new
+    last dimension of ``num_blocks_`` rows (``k`` broadcasts against it)."""
+    return torch.minimum(k, torch.arange(num_blocks_, device=device) + 1)
+
+
 def tapered_density(density: float, taper_blocks: float | None, num_blocks_, device) -> torch.Tensor | float:
     """``density`` scaled by ``min(1, taper_blocks / nb)``, as a 0-d tensor (``density`` itself
     when ``taper_blocks`` is None): the in-graph form of :meth:`SparseConfig.density_at`,
@@ -66,23 +72,21 @@ def select_block_lists(scores_BHQK: torch.Tensor, density,
     the per-row counts (int64, >= 1).
     """
     nb = scores_BHQK.shape[-1]
-    idx = torch.arange(nb, device=scores_BHQK.device)
     order_BHQK, sorted_BHQK = rank_blocks(scores_BHQK)
     if search_head_budgets:
         k_BH1 = head_blocks_per_row(sorted_BHQK, density)[..., None]
     else:
         k_BH1 = blocks_per_row(nb, density, scores_BHQK.device).expand(*scores_BHQK.shape[:2], 1)
-    return order_BHQK, torch.minimum(k_BH1, idx + 1)
+    return order_BHQK, row_counts(k_BH1, nb, scores_BHQK.device)
 
 
 def select_head_block_lists(scores_BHQK: torch.Tensor, density_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`select_block_lists` with a fixed budget per head (a calibrated pattern table):
     head ``h`` keeps ``min(K_h, qb + 1)`` blocks of row ``qb``, ``K_h`` from ``density_H[h]``."""
     nb = scores_BHQK.shape[-1]
-    idx = torch.arange(nb, device=scores_BHQK.device)
     order_BHQK, _ = rank_blocks(scores_BHQK)
     k_H1 = blocks_per_row(nb, density_H, scores_BHQK.device)[:, None]
-    return order_BHQK, torch.minimum(k_H1, idx + 1).expand(scores_BHQK.shape[:3])
+    return order_BHQK, row_counts(k_H1, nb, scores_BHQK.device).expand(scores_BHQK.shape[:3])
 
 
 def keep_mask(order_BHQK: torch.Tensor, count_BHQ: torch.Tensor) -> torch.Tensor:
