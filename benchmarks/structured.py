@@ -33,7 +33,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
-from _oracle_model import search_counts  # noqa: E402
+from _block_model import search_counts  # noqa: E402
 from _recall import block_recall, oracle_keep, recall_summary, selection_block_mask, true_block_mass  # noqa: E402
 from _structured_inputs import structured_inputs  # noqa: E402
 from attention import dense_sdpa  # noqa: E402  (cuDNN SDPA where it runs, as the attention benchmark)

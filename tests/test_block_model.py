@@ -1,13 +1,15 @@
-"""The oracle model (benchmarks/_oracle_model.py): the blocks it keeps, its attention, its model hook."""
+"""The block model (benchmarks/_block_model.py): the oracle's blocks, the search's, its attention, its model hook."""
 
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from hypothesis import given
 from hypothesis import strategies as st
 
+import sa_compile
 from sa_compile import SparseConfig
 from sa_compile.sparse_op import select_kept_blocks
 
@@ -15,7 +17,7 @@ from .helpers import assert_close, attention_inputs, dense_reference, masked_ref
 from .test_recall import naive_block_mass
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _oracle_model import oracle_attention, oracle_block_attention, search_counts  # noqa: E402
+from _block_model import block_attention, oracle_block_attention, search_block_attention, search_counts  # noqa: E402
 
 
 def naive_oracle_keep(mass_BHQK, counts_Q):
@@ -58,9 +60,9 @@ def test_model_hook_runs_the_oracle_and_restores_the_model():
     ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         dense = model(ids).logits
-        with oracle_attention(model, SparseConfig(density=1.0, block_size=16, min_seq_len=0)):
+        with block_attention(model, SparseConfig(density=1.0, block_size=16, min_seq_len=0), "oracle"):
             full = model(ids).logits
-        with oracle_attention(model, SparseConfig(density=0.2, block_size=16, min_seq_len=0)):
+        with block_attention(model, SparseConfig(density=0.2, block_size=16, min_seq_len=0), "oracle"):
             sparse = model(ids).logits
         after = model(ids).logits
     assert_close(full, dense)
@@ -74,3 +76,44 @@ def test_head_budget_configs_get_the_uniform_counts_and_tables_are_refused(tmp_p
     assert torch.equal(search_counts(SparseConfig(search_head_budgets=True), 65536, "cpu"), uniform)
     with pytest.raises(ValueError, match="one budget"):
         search_counts(SparseConfig(patterns=str(tmp_path / "table.json")), 4096, "cpu")
+
+
+@given(seed=st.integers(0, 2**16), seq_len=st.sampled_from([64, 100, 128]), density=st.sampled_from([0.2, 0.5]))
+def test_search_attention_equals_attention_under_the_searchs_mask(seed, seq_len, density):
+    q, k, v = attention_inputs(seed, 1, 4, 2, seq_len, 16, torch.float32)
+    config = SparseConfig(density=density, block_size=16, min_seq_len=0)
+    expected = masked_reference(q, k, v, token_mask(select_kept_blocks(q, k, config, 16**-0.5), 16, seq_len))
+    assert_close(search_block_attention(q, k, v, config, 16**-0.5), expected)
+
+
+def test_search_blocks_give_the_compiled_backends_logits():
+    """The eager search model is the backend without the compile: same blocks, same answer."""
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 160), generator=torch.Generator().manual_seed(1))
+    config = SparseConfig(density=0.3, block_size=16, min_seq_len=0)
+    compiled = torch.compile(model, backend=sa_compile.make_backend(config))
+    with torch.inference_mode():
+        dense = model(ids).logits
+        backend = compiled(ids).logits
+        with block_attention(model, config, "search"):
+            eager = model(ids).logits
+    assert counters["sa_compile"]["rewritten"] == 2
+    assert (backend - dense).abs().max() > 1e-3  # the budget is below the grid: a real sparse answer
+    assert_close(eager, backend)
+
+
+def test_decode_steps_stay_dense_and_unknown_choosers_are_refused():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(2))
+    config = SparseConfig(density=0.2, block_size=16, min_seq_len=0)
+    with torch.inference_mode():
+        token = ids[:, -1:]
+        cache = model(ids, use_cache=True).past_key_values
+        dense = model(token, past_key_values=cache, use_cache=True).logits
+        cache = model(ids, use_cache=True).past_key_values
+        with block_attention(model, config, "search"):
+            step = model(token, past_key_values=cache, use_cache=True).logits
+    assert_close(step, dense)
+    with pytest.raises(ValueError, match="expected one of"):
+        with block_attention(model, config, "best"):
+            pass
