@@ -15,6 +15,9 @@ class PatternKind(enum.Enum):
     heaviest columns are then re-weighted per query block by that block's mean query.
     ``BLOCK_SPARSE``: block-pooled queries against block-pooled keys, which also sees
     structure that is neither a column nor a diagonal (a retrieved span, say).
+    ``BLOCK_QUERY``: each query block's mean query against every key (not a pooled key), the
+    softmax summed per key block: sees short peaked spans inside a block that pooling averages
+    away, at ``1 / block_size`` of dense attention's FLOPs.
     ``LOCAL``: no estimate; the sink and the blocks nearest the diagonal (the A shape).
     ``AUTO``: vertical-slash and block-sparse; each block keeps the stronger of the two
     row-normalized scores, so a head is served by whichever template sees its structure.
@@ -23,6 +26,7 @@ class PatternKind(enum.Enum):
 
     VERTICAL_SLASH = "vertical_slash"
     BLOCK_SPARSE = "block_sparse"
+    BLOCK_QUERY = "block_query"
     LOCAL = "local"
     AUTO = "auto"
 

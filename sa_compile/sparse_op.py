@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
+from sa_compile.templates.block_query import block_query_scores
 from sa_compile.templates.block_sparse import pooled_block_scores
 from sa_compile.templates.local import local_block_scores
 from sa_compile.templates.vertical_slash import last_q_attention, vertical_slash_block_scores
@@ -31,6 +32,8 @@ def estimate_block_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv
     if config.pattern is PatternKind.LOCAL:
         nb = -(-q_BHND.shape[-2] // config.block_size)
         return local_block_scores(nb, q_BHND.device).expand(*q_BHND.shape[:2], nb, nb)
+    if config.pattern is PatternKind.BLOCK_QUERY:
+        return block_query_scores(q_BHND, k_BGND, config.block_size, scale)
     scores = []
     if config.pattern in (PatternKind.VERTICAL_SLASH, PatternKind.AUTO):
         attn_BHLN = last_q_attention(q_BHND, k_BGND, config.last_q, scale, kv_valid_BN)

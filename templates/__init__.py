@@ -5,4 +5,5 @@ block diagonal, each causal row summing to one, so templates can be compared and
 
 - :mod:`sa_compile.templates.vertical_slash`: column and diagonal mass of the last queries.
 - :mod:`sa_compile.templates.block_sparse`: block-pooled queries against block-pooled keys.
+- :mod:`sa_compile.templates.block_query`: block-mean queries against every key.
 """

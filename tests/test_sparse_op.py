@@ -136,3 +136,16 @@ def test_a_planted_needle_is_always_selected(seed, depth):
         assert int(keep[0, 0, -1].sum()) == 3
         needle_block = pos // block
         assert keep[0, :, needle_block + 1 :, needle_block].all(), f"needle at {pos} dropped ({pattern})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_block_query_pattern_through_the_compiled_op(device, density):
+    block = BLOCK[device]
+    seq_len = block * 6 + 3
+    q, k, v = attention_inputs(7, 1, 4, 2, seq_len, 16, torch.float32, device)
+    cfg = SparseConfig(density=density, block_size=block, min_seq_len=0, pattern=PatternKind.BLOCK_QUERY)
+    out, keep = compiled_op(True)(q, k, v, cfg, return_keep=True)
+    assert torch.equal(keep, select_kept_blocks(q, k, cfg, 16**-0.5)), "compiled and eager searches disagree"
+    reference = dense_reference(q, k, v) if density == 1.0 else masked_reference(q, k, v, token_mask(keep, block, seq_len))
+    assert_close(out, reference)

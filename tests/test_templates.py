@@ -6,6 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sa_compile.templates.block_query import block_query_scores
 from sa_compile.templates.block_sparse import pooled_block_scores
 from sa_compile.templates.vertical_slash import (
     last_q_attention, row_vertical_mass, vertical_slash_block_scores, vertical_slash_scores,
@@ -160,3 +161,43 @@ def test_block_scores_spread_columns_and_diagonals_over_the_blocks_they_cross(se
             expected[qb, kb] = column_mass + crossing
     expected = expected / expected.sum(-1, keepdim=True)
     torch.testing.assert_close(vertical_slash_block_scores(attn, block)[0, 0], expected)
+
+
+def _naive_block_query(q, k, block_size, scale):
+    """Per query block, its mean query's softmax over all keys of the causal key blocks, summed per block."""
+    B, H, N, D = q.shape
+    group = H // k.shape[1]
+    nb = -(-N // block_size)
+    out = torch.zeros(B, H, nb, nb, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for qb in range(nb):
+                mean_q = q[b, h, qb * block_size : (qb + 1) * block_size].double().mean(0)
+                visible = min((qb + 1) * block_size, N)
+                probs = torch.softmax(k[b, h // group, :visible].double() @ mean_q * scale, -1)
+                for kb in range(qb + 1):
+                    out[b, h, qb, kb] = probs[kb * block_size : (kb + 1) * block_size].sum()
+    return out
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 90), block=st.sampled_from([8, 16]))
+def test_block_query_scores_are_mean_query_softmax_summed_per_block(seed, n, block):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2, 4, n, 8, generator=gen), torch.randn(2, 2, n, 8, generator=gen)
+    got = block_query_scores(q, k, block, 0.4)
+    torch.testing.assert_close(got.double(), _naive_block_query(q, k, block, 0.4), atol=1e-6, rtol=1e-5)
+
+
+def test_block_query_keeps_a_short_span_that_pooling_averages_away():
+    """Four retrieved keys inside one block of 32: the block-query score ranks their block
+    first for the retrieving rows; the pooled score, whose mean key dilutes them 8-fold, does not."""
+    q, k = _planted(n=512, d=32)
+    topic = torch.randn(32, generator=torch.Generator().manual_seed(5))
+    topic = topic / topic.norm() * 32**0.5
+    q[..., 384:, :] += topic
+    k[..., 150:154, :] += 2 * topic
+    rows = slice(12, 16)  # the query blocks of positions 384-511
+    by_query = block_query_scores(q, k, 32, 32**-0.5)[0, 0, rows]
+    pooled = pooled_block_scores(q, k, 32, 32**-0.5)[0, 0, rows]
+    assert (by_query.argmax(-1) == 4).all() and (by_query[:, 4] > 0.5).all()
+    assert (pooled[:, 4] < 0.5 * by_query[:, 4]).all()
