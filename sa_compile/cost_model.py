@@ -16,17 +16,26 @@ import math
 
 import sympy
 
-from .config import SparseConfig
+from .config import PatternKind, SparseConfig
 
 N, BS, D, H, K, L = sympy.symbols("N block_size head_dim heads blocks_per_row last_q", positive=True, integer=True)
 NUM_BLOCKS = sympy.ceiling(N / BS)
 KEPT_BLOCKS = K * NUM_BLOCKS - K * (K - 1) / 2  # per head, for K <= nb
 KERNEL_FLOPS = 4 * BS**2 * D * H * KEPT_BLOCKS
 DENSE_FLOPS = KERNEL_FLOPS.subs(K, NUM_BLOCKS)  # every causal block
-# Vertical-slash: the last queries' logits over all keys, then each block's mean query against
-# nb candidate columns and nb block-mean keys; block-sparse: pooled-query x pooled-key logits
-# over the block grid. The softmaxes and sums are not counted.
-SEARCH_FLOPS = 2 * L * N * D * H + 2 * NUM_BLOCKS * (2 * NUM_BLOCKS) * D * H + 2 * NUM_BLOCKS**2 * D * H
+# The search's logits per template (softmaxes and sums are not counted). Vertical-slash: the
+# last queries against all keys, then each block's mean query against nb candidate columns and
+# nb block-mean keys; block-sparse: pooled queries against pooled keys; block-query: each
+# block's mean query against all keys; local: no estimate.
+_VERTICAL_SLASH = 2 * L * N * D * H + 2 * NUM_BLOCKS * (2 * NUM_BLOCKS) * D * H
+_BLOCK_SPARSE = 2 * NUM_BLOCKS**2 * D * H
+SEARCH_FLOPS = {
+    PatternKind.VERTICAL_SLASH: _VERTICAL_SLASH,
+    PatternKind.BLOCK_SPARSE: _BLOCK_SPARSE,
+    PatternKind.BLOCK_QUERY: 2 * NUM_BLOCKS * N * D * H,
+    PatternKind.LOCAL: sympy.Integer(0),
+    PatternKind.AUTO: _VERTICAL_SLASH + _BLOCK_SPARSE,
+}
 
 
 def _values(seq_len: int, config: SparseConfig, heads: int, head_dim: int) -> dict:
@@ -39,9 +48,10 @@ def _values(seq_len: int, config: SparseConfig, heads: int, head_dim: int) -> di
 
 def attention_cost(seq_len: int, config: SparseConfig, heads: int, head_dim: int) -> dict:
     """FLOPs of one attention layer at ``seq_len`` under ``config`` (uniform head budgets,
-    tapered as the op tapers them)."""
+    tapered as the op tapers them; the search of ``config.pattern``)."""
     values = _values(seq_len, config, heads, head_dim)
-    kernel, dense, search = (float(e.subs(values)) for e in (KERNEL_FLOPS, DENSE_FLOPS, SEARCH_FLOPS))
+    search_flops = SEARCH_FLOPS[config.pattern]
+    kernel, dense, search = (float(e.subs(values)) for e in (KERNEL_FLOPS, DENSE_FLOPS, search_flops))
     return {"kernel_flops": kernel, "dense_flops": dense, "search_flops": search,
             "kernel_fraction": kernel / dense, "search_fraction": search / dense}
 

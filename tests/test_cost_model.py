@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sa_compile.cost_model as cost_model
-from sa_compile import SparseConfig
+from sa_compile import PatternKind, SparseConfig
 from sa_compile.cost_model import attention_cost, density_for_flop_budget
 from sa_compile.selection import causal_block_count, realized_density, select_blocks
 
@@ -43,6 +43,18 @@ def test_search_flops():
     cost = attention_cost(32768, cfg, heads=32, head_dim=128)
     last_q, row_aware, pooled = 2 * 64 * 32768, 2 * 256 * 512, 2 * 256**2  # per head and head-dim unit
     assert cost["search_flops"] == (last_q + row_aware + pooled) * 128 * 32
+
+
+@pytest.mark.parametrize("pattern,per_head", [
+    (PatternKind.AUTO, 2 * 64 * 32768 + 2 * 256 * 512 + 2 * 256**2),
+    (PatternKind.VERTICAL_SLASH, 2 * 64 * 32768 + 2 * 256 * 512),
+    (PatternKind.BLOCK_SPARSE, 2 * 256**2),
+    (PatternKind.BLOCK_QUERY, 2 * 256 * 32768),
+    (PatternKind.LOCAL, 0),
+])
+def test_search_flops_follow_the_pattern(pattern, per_head):
+    cfg = SparseConfig(block_size=128, last_q=64, pattern=pattern)
+    assert attention_cost(32768, cfg, heads=32, head_dim=128)["search_flops"] == per_head * 128 * 32
 
 
 def test_a_flop_budget_pays_for_the_search_first():
