@@ -263,6 +263,15 @@ def plot_panels(path: Path, panels: Sequence[dict], title: str) -> None:
     plt.close(fig)
 
 
+def add_pattern_argument(parser) -> None:
+    """``--pattern``: the search's template, parsed to a :class:`sa_compile.PatternKind`."""
+    from sa_compile import PatternKind, SparseConfig
+
+    parser.add_argument("--pattern", type=PatternKind, default=SparseConfig.pattern, choices=list(PatternKind),
+                        metavar="{" + ",".join(kind.value for kind in PatternKind) + "}",
+                        help=f"template that scores the blocks (default: {SparseConfig.pattern.value})")
+
+
 def add_run_arguments(parser, *, repeats: int, warmup: int) -> None:
     """The options every benchmark shares: timing, device, seed, caches, output."""
     parser.add_argument("--repeats", type=int, default=repeats)

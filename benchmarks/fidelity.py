@@ -44,7 +44,7 @@ from _block_model import block_attention  # noqa: E402
 from _recall import block_recall, oracle_keep, recall_summary, true_block_mass  # noqa: E402
 
 import sa_compile  # noqa: E402
-from sa_compile import PatternKind, SparseConfig  # noqa: E402
+from sa_compile import SparseConfig  # noqa: E402
 from sa_compile.calibrate import attention_qk  # noqa: E402
 from sa_compile.passes.sparse_sdpa import _MIN_GPU_BLOCK  # noqa: E402
 from sa_compile.selection import realized_density  # noqa: E402
@@ -240,7 +240,7 @@ def evaluate(args, model, tokenizer, text_ids, device, progress) -> list[dict]:
             for n in args.lengths}
     for density in args.densities:
         cfg = SparseConfig(density=density, block_size=args.block_size, min_seq_len=0,
-                           search_head_budgets=args.search_head_budgets, pattern=PatternKind(args.pattern))
+                           search_head_budgets=args.search_head_budgets, pattern=args.pattern)
         prefill_model, decode_model, context = sparse_runner(args, model, cfg)
         for n in args.lengths:
             say = progress.scoped(f"density {density} N={n}")
@@ -318,8 +318,7 @@ def parse_args(argv=None):
     p.add_argument("--passkeys", type=int, default=20, help="passkey cases per length (0 to skip)")
     p.add_argument("--recall-layers", type=parse_layers, default=[0, 5, 10, 15, 20, 25, 29],
                    help="layers whose attention recall is measured (all their heads)")
-    p.add_argument("--pattern", choices=[k.value for k in PatternKind], default=SparseConfig.pattern.value,
-                   help="the search's template (SparseConfig.pattern)")
+    common.add_pattern_argument(p)
     p.add_argument("--search-head-budgets", action="store_true",
                    help="share each layer's budget between heads per input (SparseConfig.search_head_budgets)")
     p.add_argument("--oracle", action="store_true",
@@ -353,7 +352,7 @@ def main(argv=None) -> None:
     rows = evaluate(args, model, tokenizer, text_ids, device, progress)
     record = {"benchmark": "fidelity", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF)",
               "text": str(args.text or "licenses"), "search_head_budgets": args.search_head_budgets,
-              "pattern": args.pattern,
+              "pattern": args.pattern.value,
               "path": "eager search blocks (--eager)" if args.eager else "compiled sa_compile.backend",
               "environment": common.environment(device), "block_size": args.block_size,
               "recall_layers": args.recall_layers, "passkey": {"cases": args.passkeys, "decode_steps": DECODE_STEPS,

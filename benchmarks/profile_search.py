@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
 import attention  # noqa: E402
 
-from sa_compile import PatternKind, SparseConfig  # noqa: E402
+from sa_compile import SparseConfig  # noqa: E402
 from sa_compile.selection import select_block_lists  # noqa: E402
 from sa_compile.sparse_op import build_block_mask, estimate_block_scores  # noqa: E402
 from sa_compile.templates.block_sparse import pooled_block_scores  # noqa: E402
@@ -117,9 +117,7 @@ def parse_args(argv=None):
     p.add_argument("--lengths", help=f"comma list, 4k style allowed (CUDA: {attention.CUDA_SHAPE['lengths']}; "
                                      f"CPU: {attention.CPU_SHAPE['lengths']})")
     p.add_argument("--density", type=float, default=SparseConfig.density)
-    p.add_argument("--pattern", type=PatternKind, default=SparseConfig.pattern, choices=list(PatternKind),
-                   metavar="{" + ",".join(kind.value for kind in PatternKind) + "}",
-                   help=f"template that scores the blocks (default: {SparseConfig.pattern.value})")
+    common.add_pattern_argument(p)
     p.add_argument("--block-size", type=int, help="sparse block size (CUDA: 128, CPU: 32)")
     p.add_argument("--search-head-budgets", action="store_true", help="profile SparseConfig.search_head_budgets")
     p.add_argument("--top", type=int, default=12, help="kernels listed per length")

@@ -38,7 +38,7 @@ from _recall import block_recall, oracle_keep, recall_summary, selection_block_m
 from _structured_inputs import structured_inputs  # noqa: E402
 from attention import dense_sdpa  # noqa: E402  (cuDNN SDPA where it runs, as the attention benchmark)
 
-from sa_compile import PatternKind, SparseConfig, sparse_attention  # noqa: E402
+from sa_compile import SparseConfig, sparse_attention  # noqa: E402
 from sa_compile.selection import causal_block_count  # noqa: E402
 
 GPU_DEFAULTS = {"lengths": "32k,64k,128k", "block_size": 128, "dtype": "bfloat16"}
@@ -86,7 +86,7 @@ def _side(err_H1: torch.Tensor, recall_BH: torch.Tensor) -> dict:
 
 def sparse_config(density: float, args) -> SparseConfig:
     return SparseConfig(density=density, block_size=args.block_size, min_seq_len=0, taper_from=None,
-                        search_head_budgets=args.search_head_budgets, pattern=PatternKind(args.pattern))
+                        search_head_budgets=args.search_head_budgets, pattern=args.pattern)
 
 
 def measure_density(density, q, k, v, mass, dense, args, ops, say) -> tuple[dict, float]:
@@ -171,8 +171,7 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", help="GPU: bfloat16, CPU: float32")
-    p.add_argument("--pattern", choices=[k.value for k in PatternKind], default=SparseConfig.pattern.value,
-                   help="the search's template (SparseConfig.pattern)")
+    common.add_pattern_argument(p)
     p.add_argument("--search-head-budgets", action="store_true",
                    help="share each density's block budget between heads per input (SparseConfig.search_head_budgets)")
     p.add_argument("--chunk-gib", type=float, default=1.0, help="float32 logits per chunk of the true-mass loop")

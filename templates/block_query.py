@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._blocks import block_means, block_offsets_QK, normalize_causal_rows
+from ._blocks import block_means, block_offsets_QK
 
 
 def block_query_scores(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
@@ -29,7 +29,7 @@ def block_query_scores(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size: i
     logits_BHQN = F.pad(logits.view(B, H, nb, N).float() * scale, (0, nb * block_size - N), value=float("-inf"))
     lse_BHQK = torch.logsumexp(logits_BHQN.unflatten(-1, (nb, block_size)), dim=-1)
     causal_QK = block_offsets_QK(nb, q_BHND.device) >= 0
-    return normalize_causal_rows(torch.softmax(lse_BHQK.masked_fill(~causal_QK, float("-inf")), dim=-1))
+    return torch.softmax(lse_BHQK.masked_fill(~causal_QK, float("-inf")), dim=-1)
 
 
 def _demo() -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sa_compile import PatternKind
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _common as common  # noqa: E402
 import structured  # noqa: E402
@@ -72,7 +74,7 @@ def test_lookup_heads_look_up_their_span_and_the_others_do_not(planted):
         assert (ratio_H[~lookup["heads"]] < 2.0).all(), ratio_H
 
 
-@pytest.mark.parametrize("pattern", ["auto", "block_query"])
+@pytest.mark.parametrize("pattern", [PatternKind.AUTO, PatternKind.BLOCK_QUERY])
 def test_full_density_oracle_and_op_are_exact_and_the_oracle_recalls_at_least_as_much(pattern):
     """The benchmark's own measurement path, compiled, at a tiny size."""
     args = argparse.Namespace(heads=4, kv_heads=2, head_dim=64, seed=0, dtype="float32", block_size=16,
@@ -91,7 +93,7 @@ def test_full_density_oracle_and_op_are_exact_and_the_oracle_recalls_at_least_as
 
 def test_head_budget_search_is_measured_against_the_uniform_oracle_at_no_more_cost():
     args = argparse.Namespace(heads=4, kv_heads=2, head_dim=64, seed=0, dtype="float32", block_size=16,
-                              chunk_gib=1e-4, densities=[0.3], search_head_budgets=True, pattern="auto")
+                              chunk_gib=1e-4, densities=[0.3], search_head_budgets=True, pattern=PatternKind.AUTO)
     device = torch.device("cpu")
     (row,), _ = structured.measure_length(256, args, structured.Ops(device), device, common.Progress())
     assert 0.9 * row["oracle_realized_density"] <= row["realized_density"] <= row["oracle_realized_density"]
