@@ -11,8 +11,10 @@ same tensor code the compiled op runs), attended exactly: the backend's answer w
 compile per config, for sweeps over many densities. ``tests/test_block_model.py`` checks that
 it gives the compiled backend's logits.
 
-Eager and slow (dense attention plus an ``N x N`` mask per layer); a measurement, not a
-fast path. Runs through transformers' attention interface, so the model code is untouched::
+Eager: the blocks are chosen by plain tensor code, then attended exactly, with an ``N x N``
+mask while that is small and through FlexAttention over a BlockMask of exactly the kept
+blocks past that (``MASK_LIMIT``), so 64K and 128K fit. A measurement, not a fast path.
+Runs through transformers' attention interface, so the model code is untouched::
 
     with block_attention(model, SparseConfig(density=0.1, block_size=16, min_seq_len=0), "oracle"):
         logits = model(ids).logits
@@ -23,12 +25,15 @@ Decode steps (one query against the cache) stay dense, as under the backend.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
-from _recall import oracle_keep, true_block_mass
+from _recall import oracle_keep, selection_block_mask, true_block_mass
+from torch.nn.attention.flex_attention import flex_attention
 
 from sa_compile import SparseConfig
+from sa_compile.selection import causal_block_count
 from sa_compile.selection import blocks_per_row, row_counts
 from sa_compile.sparse_op import select_kept_blocks
 
@@ -46,16 +51,28 @@ def search_counts(config: SparseConfig, seq_len: int, device) -> torch.Tensor:
     return row_counts(blocks_per_row(nb, config.density_at(nb), device), nb, device)
 
 
+MASK_LIMIT = 1 << 28  # mask entries (B * H * N * N) up to which the exact N x N mask is used
+
+
 def oracle_keep_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float) -> torch.Tensor:
-    """The oracle's kept blocks, ``keep_BHQK``."""
-    B, H, N, _ = q_BHND.shape
-    mass_BHQK = true_block_mass(q_BHND, k_BGND, config.block_size, scale)
-    return oracle_keep(mass_BHQK, search_counts(config, N, q_BHND.device).expand(B, H, -1))
+    """The oracle's kept blocks, ``keep_BHQK``: per row, as many as the search keeps there
+    (with ``coverage`` that count depends on the input), the ones of most true mass."""
+    counts_BHQ = select_kept_blocks(q_BHND, k_BGND, config, scale).sum(-1)
+    return oracle_keep(true_block_mass(q_BHND, k_BGND, config.block_size, scale), counts_BHQ)
 
 
-def kept_block_attention(q_BHND, k_BGND, v_BGND, keep_BHQK, block_size: int, scale: float) -> torch.Tensor:
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def kept_block_attention(q_BHND, k_BGND, v_BGND, keep_BHQK, block_size: int, scale: float,
+                         mask_limit: int = MASK_LIMIT) -> torch.Tensor:
     """Causal attention restricted to the kept blocks, ``[B, H, N, D]``."""
-    N = q_BHND.shape[-2]
+    B, H, N, _ = q_BHND.shape
+    if B * H * N * N > mask_limit:
+        block_mask = selection_block_mask(keep_BHQK, block_size, N)
+        return _compiled_flex()(q_BHND, k_BGND, v_BGND, block_mask=block_mask, scale=scale, enable_gqa=True)
     keep_BHNN = keep_BHQK.repeat_interleave(block_size, -2)[..., :N, :].repeat_interleave(block_size, -1)[..., :N]
     causal_NN = torch.ones(N, N, dtype=torch.bool, device=q_BHND.device).tril()
     return F.scaled_dot_product_attention(q_BHND, k_BGND, v_BGND, attn_mask=keep_BHNN & causal_NN, scale=scale,
@@ -78,17 +95,22 @@ def search_block_attention(q_BHND, k_BGND, v_BGND, config: SparseConfig, scale: 
 def block_attention(model, config: SparseConfig, blocks: str):
     """Within the block, ``model`` (a transformers Llama) attends through ``blocks``' choice
     (``"oracle"`` or ``"search"``). Prefills start with no cache and no padding; a decode
-    step (one query) is dense."""
+    step (one query) is dense. Yields a dict counting the kept and causal blocks of every
+    prefill (``kept_blocks / causal_blocks`` is the computed fraction, measured)."""
     if blocks not in CHOOSERS:
         raise ValueError(f"blocks={blocks!r}: expected one of {CHOOSERS}")
     from transformers import AttentionInterface
 
-    sparse = oracle_block_attention if blocks == "oracle" else search_block_attention
+    choose = oracle_keep_blocks if blocks == "oracle" else select_kept_blocks
+    stats = {"kept_blocks": 0, "causal_blocks": 0}
 
     def attend(module, q_BHND, k_BGND, v_BGND, attention_mask, scaling=None, dropout=0.0, **kwargs):
         n_q, n_k = q_BHND.shape[-2], k_BGND.shape[-2]
         if n_q == n_k:
-            out_BHND = sparse(q_BHND, k_BGND, v_BGND, config, scaling)
+            keep_BHQK = choose(q_BHND, k_BGND, config, scaling)
+            stats["kept_blocks"] += keep_BHQK.sum()
+            stats["causal_blocks"] += keep_BHQK.shape[0] * keep_BHQK.shape[1] * causal_block_count(keep_BHQK.shape[-1])
+            out_BHND = kept_block_attention(q_BHND, k_BGND, v_BGND, keep_BHQK, config.block_size, scaling)
         elif n_q == 1:
             out_BHND = F.scaled_dot_product_attention(q_BHND, k_BGND, v_BGND, scale=scaling, enable_gqa=True)
         else:
@@ -99,6 +121,6 @@ def block_attention(model, config: SparseConfig, blocks: str):
     previous = model.config._attn_implementation
     model.set_attn_implementation(_NAME)
     try:
-        yield model
+        yield stats
     finally:
         model.set_attn_implementation(previous)

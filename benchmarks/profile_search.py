@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
 import attention  # noqa: E402
 
-from sa_compile import SparseConfig  # noqa: E402
+from sa_compile import PatternKind, SparseConfig  # noqa: E402
 from sa_compile.selection import select_block_lists  # noqa: E402
 from sa_compile.sparse_op import build_block_mask, estimate_block_scores  # noqa: E402
 from sa_compile.templates.block_sparse import pooled_block_scores  # noqa: E402
@@ -89,10 +89,11 @@ def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[di
         return out
 
     timed(base_label, dense)
-    attn = timed("last-q attention", lambda: fns["last-q attention"](q, k))
-    timed("vertical-slash scores", lambda: fns["vertical-slash scores"](attn, q, k))
-    del attn
-    timed("pooled block scores", lambda: fns["pooled block scores"](q, k))
+    if config.pattern in (PatternKind.AUTO, PatternKind.VERTICAL_SLASH, PatternKind.BLOCK_SPARSE):
+        attn = timed("last-q attention", lambda: fns["last-q attention"](q, k))
+        timed("vertical-slash scores", lambda: fns["vertical-slash scores"](attn, q, k))
+        del attn
+        timed("pooled block scores", lambda: fns["pooled block scores"](q, k))
     scores = timed("estimate (all templates)", lambda: fns["estimate (all templates)"](q, k))
     lists = timed("block selection", lambda: fns["block selection"](scores))
     tensors = timed("BlockMask build", lambda: fns["BlockMask build"](lists, n))

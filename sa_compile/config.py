@@ -18,6 +18,10 @@ class PatternKind(enum.Enum):
     ``BLOCK_QUERY``: each query block's mean query against every key (not a pooled key), the
     softmax summed per key block: sees short peaked spans inside a block that pooling averages
     away, at ``1 / block_size`` of dense attention's FLOPs.
+    ``STRIDED_QUERY``: every ``query_stride``-th query of each block attends exactly to every
+    key; its softmax, summed per key block, is the block's score. Real queries, not pooled
+    ones, so it finds the blocks that hold the most true attention mass, at ``1 / (2 *
+    query_stride)`` of dense attention's FLOPs (one fused kernel on CUDA).
     ``LOCAL``: no estimate; the sink and the blocks nearest the diagonal (the A shape).
     ``AUTO``: vertical-slash and block-sparse; each block keeps the stronger of the two
     row-normalized scores, so a head is served by whichever template sees its structure.
@@ -27,6 +31,7 @@ class PatternKind(enum.Enum):
     VERTICAL_SLASH = "vertical_slash"
     BLOCK_SPARSE = "block_sparse"
     BLOCK_QUERY = "block_query"
+    STRIDED_QUERY = "strided_query"
     LOCAL = "local"
     AUTO = "auto"
 
@@ -52,6 +57,13 @@ class SparseConfig:
             constant. ``None`` keeps ``density`` at every length.
         last_q: how many of the last queries estimate the vertical-slash pattern.
         pattern: which template scores the blocks (see :class:`PatternKind`).
+        query_stride: ``STRIDED_QUERY`` scores every ``query_stride``-th query of a block
+            (a divisor of ``block_size``): smaller is closer to the true mass, and costs more.
+        coverage: ``None`` keeps a fixed count of blocks per row (from ``density``). A number
+            in (0, 1] keeps, per head and row, the fewest blocks whose estimated mass
+            reaches that share of the row's estimate, never fewer than the diagonal and
+            sink, never more than the count ``density`` allows (the cap). The computed
+            fraction then depends on the input: at most ``realized_density``.
         search_head_budgets: share the layer's block budget between its heads by estimated
             mass per block of kernel work (a per-input search), instead of giving every
             head the same count. The layer computes no more blocks than with equal counts.
@@ -66,12 +78,14 @@ class SparseConfig:
         model = torch.compile(model, backend=sa_compile.make_backend(cfg))
     """
 
-    density: float = 0.1
+    density: float = 0.3
     block_size: int = 128
     min_seq_len: int = 16384
     taper_from: int | None = 32768
     last_q: int = 64
-    pattern: PatternKind = PatternKind.AUTO
+    pattern: PatternKind = PatternKind.STRIDED_QUERY
+    query_stride: int = 16
+    coverage: float | None = None
     search_head_budgets: bool = False
     patterns: str | None = None
 
@@ -86,6 +100,14 @@ class SparseConfig:
                "taper_from", self.taper_from, "None or an integer >= block_size")
         _check(_is_int(self.last_q) and 1 <= self.last_q <= 4096,
                "last_q", self.last_q, "an integer in [1, 4096]")
+        _check(_is_int(self.query_stride) and 1 <= self.query_stride <= self.block_size
+               and self.block_size % self.query_stride == 0,
+               "query_stride", self.query_stride, f"a divisor of block_size={self.block_size}")
+        _check(self.coverage is None or (isinstance(self.coverage, (int, float)) and not isinstance(self.coverage, bool)
+                                         and 0.0 < self.coverage <= 1.0),
+               "coverage", self.coverage, "None or a number in (0, 1]")
+        _check(not (self.coverage is not None and self.search_head_budgets),
+               "search_head_budgets", self.search_head_budgets, "False when coverage is set")
         _check(isinstance(self.search_head_budgets, bool),
                "search_head_budgets", self.search_head_budgets, "True or False")
         if isinstance(self.patterns, os.PathLike):

@@ -7,7 +7,7 @@ head computes ``K*nb - K*(K-1)/2`` blocks. Example::
 
     >>> cost = attention_cost(32768, SparseConfig(density=0.1), heads=32, head_dim=128)
     >>> round(cost["kernel_fraction"], 3), round(cost["search_fraction"], 4)
-    (0.099, 0.0021)
+    (0.099, 0.0311)
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import sympy
 
 from .config import PatternKind, SparseConfig
 
-N, BS, D, H, K, L = sympy.symbols("N block_size head_dim heads blocks_per_row last_q", positive=True, integer=True)
+N, BS, D, H, K, L, S = sympy.symbols("N block_size head_dim heads blocks_per_row last_q query_stride", positive=True,
+                                     integer=True)
 NUM_BLOCKS = sympy.ceiling(N / BS)
 KEPT_BLOCKS = K * NUM_BLOCKS - K * (K - 1) / 2  # per head, for K <= nb
 KERNEL_FLOPS = 4 * BS**2 * D * H * KEPT_BLOCKS
@@ -26,13 +27,15 @@ DENSE_FLOPS = KERNEL_FLOPS.subs(K, NUM_BLOCKS)  # every causal block
 # The search's logits per template (softmaxes and sums are not counted). Vertical-slash: the
 # last queries against all keys, then each block's mean query against nb candidate columns and
 # nb block-mean keys; block-sparse: pooled queries against pooled keys; block-query: each
-# block's mean query against all keys; local: no estimate.
+# block's mean query against all keys; strided-query: every S-th query against the keys it
+# sees (on average half of them); local: no estimate.
 _VERTICAL_SLASH = 2 * L * N * D * H + 2 * NUM_BLOCKS * (2 * NUM_BLOCKS) * D * H
 _BLOCK_SPARSE = 2 * NUM_BLOCKS**2 * D * H
 SEARCH_FLOPS = {
     PatternKind.VERTICAL_SLASH: _VERTICAL_SLASH,
     PatternKind.BLOCK_SPARSE: _BLOCK_SPARSE,
     PatternKind.BLOCK_QUERY: 2 * NUM_BLOCKS * N * D * H,
+    PatternKind.STRIDED_QUERY: NUM_BLOCKS * (BS / S) * N * D * H,
     PatternKind.LOCAL: sympy.Integer(0),
     PatternKind.AUTO: _VERTICAL_SLASH + _BLOCK_SPARSE,
 }
@@ -43,7 +46,8 @@ def _values(seq_len: int, config: SparseConfig, heads: int, head_dim: int) -> di
 
     nb = math.ceil(seq_len / config.block_size)
     k = int(blocks_per_row(nb, config.density_at(nb), "cpu"))  # tapered past config.taper_from
-    return {N: seq_len, BS: config.block_size, D: head_dim, H: heads, K: k, L: min(config.last_q, seq_len)}
+    return {N: seq_len, BS: config.block_size, D: head_dim, H: heads, K: k, L: min(config.last_q, seq_len),
+            S: config.query_stride}
 
 
 def attention_cost(seq_len: int, config: SparseConfig, heads: int, head_dim: int) -> dict:

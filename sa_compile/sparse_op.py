@@ -19,6 +19,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from sa_compile.templates.block_query import block_query_scores
 from sa_compile.templates.block_sparse import pooled_block_scores
 from sa_compile.templates.local import local_block_scores
+from sa_compile.templates.strided_query import strided_query_scores
 from sa_compile.templates.vertical_slash import last_q_attention, vertical_slash_block_scores
 
 from .config import PatternKind, SparseConfig
@@ -34,6 +35,8 @@ def estimate_block_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv
         return local_block_scores(nb, q_BHND.device).expand(*q_BHND.shape[:2], nb, nb)
     if config.pattern is PatternKind.BLOCK_QUERY:
         return block_query_scores(q_BHND, k_BGND, config.block_size, scale)
+    if config.pattern is PatternKind.STRIDED_QUERY:
+        return strided_query_scores(q_BHND, k_BGND, config.block_size, config.query_stride, scale, kv_valid_BN)
     scores = []
     if config.pattern in (PatternKind.VERTICAL_SLASH, PatternKind.AUTO):
         attn_BHLN = last_q_attention(q_BHND, k_BGND, config.last_q, scale, kv_valid_BN)
@@ -73,7 +76,7 @@ def search_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_B
     scores_BHQK = estimate_block_scores(q_BHND, k_BGND, config, scale, kv_valid_BN)
     taper_blocks = None if config.taper_from is None else config.taper_from / config.block_size
     density = tapered_density(config.density, taper_blocks, scores_BHQK.shape[-1], scores_BHQK.device)
-    return select_block_lists(scores_BHQK, density, config.search_head_budgets)
+    return select_block_lists(scores_BHQK, density, config.search_head_budgets, config.coverage)
 
 
 def _search_with_table(q_BHND, k_BGND, config, scale, kv_valid_BN, head_kinds, head_densities,

