@@ -55,8 +55,8 @@ MASK_LIMIT = 1 << 28  # mask entries (B * H * N * N) up to which the exact N x N
 
 
 def oracle_keep_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float) -> torch.Tensor:
-    """The oracle's kept blocks, ``keep_BHQK``: per row, as many as the search keeps there
-    (with ``coverage`` that count depends on the input), the ones of most true mass."""
+    """The oracle's kept blocks, ``keep_BHQK``: per row, as many as the search keeps there,
+    the ones of most true mass."""
     counts_BHQ = select_kept_blocks(q_BHND, k_BGND, config, scale).sum(-1)
     return oracle_keep(true_block_mass(q_BHND, k_BGND, config.block_size, scale), counts_BHQ)
 

@@ -1,7 +1,7 @@
 """Fidelity of sa_compile on a real long-context model: SmolLM2-135M-Instruct with YaRN.
 
 At each length (16K, 32K and 64K by default, where the sparse path runs) and for each
-selection (pattern x density x coverage):
+selection (pattern x density):
 
 - perplexity on a long real text (``_smollm2.default_text``: the Python Language Reference and
   standard-library docstrings), next-token top-1 agreement and KL(dense || sparse);
@@ -20,7 +20,7 @@ The model is stretched with training-free YaRN: factor ``--yarn-factor``, by def
 forced on (``min_seq_len=0``).
 
     python benchmarks/fidelity.py --eager --lengths 16k,32k,64k --patterns strided_query --densities 0.2,0.3 --oracle
-    python benchmarks/fidelity.py --lengths 32k --patterns strided_query --densities 0.3 --coverages 0.9  # compiled
+    python benchmarks/fidelity.py --lengths 32k --patterns strided_query --densities 0.3   # compiled backend
 
 ``--eager`` attends through the search's blocks without compiling the model (the same
 blocks and answer as the backend, ``tests/test_block_model.py``): no compile per config, and
@@ -131,26 +131,26 @@ def dense_reference(args, model, tokenizer, text_ids, n: int, device, say) -> di
 
 
 def selections(args) -> list[SparseConfig]:
-    """``--configs``, else every pattern x density x coverage asked for; sparse path forced on."""
-    triples = args.configs or list(itertools.product(args.patterns, args.densities, args.coverages))
+    """``--configs``, else every pattern x density asked for; sparse path forced on."""
+    pairs = args.configs or list(itertools.product(args.patterns, args.densities))
     return [SparseConfig(density=density, block_size=args.block_size, min_seq_len=0, pattern=pattern,
-                         coverage=coverage, query_stride=args.query_stride, taper_from=args.taper_from,
+                         query_stride=args.query_stride, taper_from=args.taper_from,
                          search_head_budgets=args.search_head_budgets)
-            for pattern, density, coverage in triples]
+            for pattern, density in pairs]
 
 
-def parse_configs(text: str) -> list[tuple[PatternKind, float, float | None]]:
-    """``"strided_query:0.3,auto:0.1,strided_query:0.3:0.9"`` -> (pattern, density, coverage) triples."""
-    triples = []
+def parse_configs(text: str) -> list[tuple[PatternKind, float]]:
+    """``"strided_query:0.3,auto:0.1"`` -> (pattern, density) pairs."""
+    pairs = []
     for item in text.split(","):
-        pattern, density, *coverage = item.strip().split(":")
-        triples.append((PatternKind(pattern), float(density), float(coverage[0]) if coverage else None))
-    return triples
+        pattern, density = item.strip().split(":")
+        pairs.append((PatternKind(pattern), float(density)))
+    return pairs
 
 
 def wants_passkeys(args, cfg: SparseConfig) -> bool:
     chosen = args.passkey_configs
-    return args.passkeys > 0 and (chosen is None or (cfg.pattern, cfg.density, cfg.coverage) in chosen)
+    return args.passkeys > 0 and (chosen is None or (cfg.pattern, cfg.density) in chosen)
 
 
 @contextlib.contextmanager
@@ -176,7 +176,7 @@ def computed_fraction(stats) -> float | None:
 
 def evaluate_config(args, model, tokenizer, text_ids, ref: dict, cfg: SparseConfig, n: int, device, say) -> dict:
     row = {"seq_len": n, "yarn_factor": yarn_factor(args, n), "pattern": cfg.pattern.value, "density": cfg.density,
-           "coverage": cfg.coverage, "query_stride": cfg.query_stride, "taper_from": cfg.taper_from,
+           "query_stride": cfg.query_stride, "taper_from": cfg.taper_from,
            "path": "eager" if args.eager else "compiled", "budget_fraction": realized_density(n, cfg)}
     say("sparse prefill" + ("" if args.eager else " (compiles on first use)"))
     with sparse_model(args, model, cfg) as (prefill_model, stats):
@@ -198,10 +198,10 @@ def evaluate_config(args, model, tokenizer, text_ids, ref: dict, cfg: SparseConf
 
 
 def oracle_metrics(model, text_ids, ref: dict, cfg: SparseConfig, n: int, say) -> dict:
-    """Next-token metrics of the oracle at ``cfg``'s per-row counts. With fixed counts
-    (no coverage) they depend only on the budget, so one run serves every pattern."""
-    key = None if cfg.coverage is not None else (cfg.density, cfg.taper_from, cfg.block_size)
-    if key is not None and key in ref["oracles"]:
+    """Next-token metrics of the oracle at ``cfg``'s per-row counts. Without head budgets those
+    depend only on the budget, not on the pattern, so one run serves every pattern of a budget."""
+    key = None if cfg.search_head_budgets else (cfg.density, cfg.taper_from, cfg.block_size)
+    if key in ref["oracles"]:
         return ref["oracles"][key]
     say("oracle prefill (eager)")
     with block_attention(model, cfg, "oracle") as stats:
@@ -221,7 +221,7 @@ def evaluate(args, tokenizer, text_ids, device, progress) -> list[dict]:
         for n in group:
             ref = dense_reference(args, model, tokenizer, text_ids, n, device, progress.scoped(f"dense N={n}"))
             for cfg in selections(args):
-                say = progress.scoped(f"{cfg.pattern.value} d={cfg.density} cov={cfg.coverage} N={n}")
+                say = progress.scoped(f"{cfg.pattern.value} d={cfg.density} N={n}")
                 rows.append(evaluate_config(args, model, tokenizer, text_ids, ref, cfg, n, device, say))
             del ref
         del model
@@ -231,10 +231,6 @@ def evaluate(args, tokenizer, text_ids, device, progress) -> list[dict]:
 
 def parse_layers(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
-
-
-def parse_coverages(text: str) -> list[float | None]:
-    return [None if x.strip().lower() == "none" else float(x) for x in text.split(",") if x.strip()]
 
 
 def parse_patterns(text: str) -> list[PatternKind]:
@@ -249,9 +245,9 @@ def table(rows: list[dict]) -> str:
         return result["oracle"][key] if "oracle" in result else None
 
     return common.markdown_table(
-        ["N", "YaRN", "pattern", "density", "coverage", "computed", "ppl change", "top-1 agree", "KL",
+        ["N", "YaRN", "pattern", "density", "computed", "ppl change", "top-1 agree", "KL",
          "oracle ppl change", "oracle top-1", "oracle KL", "recall / oracle", "passkey", "dense passkey"],
-        [[r["seq_len"], r["yarn_factor"], r["pattern"], r["density"], r["coverage"],
+        [[r["seq_len"], r["yarn_factor"], r["pattern"], r["density"],
           r["computed_fraction"] if r["computed_fraction"] is not None else r["budget_fraction"], r["ppl_change"],
           r["top1_agreement"], r["kl"], oracle(r, "ppl_change"), oracle(r, "top1_agreement"), oracle(r, "kl"),
           f"{r['recall']['mean']:.3f} / {r['oracle_recall']['mean']:.3f}", hits(r.get("passkey")),
@@ -283,10 +279,8 @@ def parse_args(argv=None):
     p.add_argument("--patterns", type=parse_patterns, default=[PatternKind.STRIDED_QUERY],
                    help=f"comma-separated pattern kinds: {', '.join(k.value for k in PatternKind)}")
     p.add_argument("--densities", type=common.parse_floats, default=[0.1, 0.2, 0.3])
-    p.add_argument("--coverages", type=parse_coverages, default=[None],
-                   help="comma-separated coverage thresholds, 'none' for a fixed count (SparseConfig.coverage)")
     p.add_argument("--configs", type=parse_configs,
-                   help="explicit selections 'pattern:density[:coverage],...' (instead of the product above)")
+                   help="explicit selections 'pattern:density,...' (instead of the product above)")
     p.add_argument("--passkey-configs", type=parse_configs,
                    help="run passkeys only for these selections (same syntax; default: all)")
     p.add_argument("--query-stride", type=int, default=SparseConfig.query_stride)

@@ -59,11 +59,6 @@ class SparseConfig:
         pattern: which template scores the blocks (see :class:`PatternKind`).
         query_stride: ``STRIDED_QUERY`` scores every ``query_stride``-th query of a block
             (a divisor of ``block_size``): smaller is closer to the true mass, and costs more.
-        coverage: ``None`` keeps a fixed count of blocks per row (from ``density``). A number
-            in (0, 1] keeps, per head and row, the fewest blocks whose estimated mass
-            reaches that share of the row's estimate, never fewer than the diagonal and
-            sink, never more than the count ``density`` allows (the cap). The computed
-            fraction then depends on the input: at most ``realized_density``.
         search_head_budgets: share the layer's block budget between its heads by estimated
             mass per block of kernel work (a per-input search), instead of giving every
             head the same count. The layer computes no more blocks than with equal counts.
@@ -85,7 +80,6 @@ class SparseConfig:
     last_q: int = 64
     pattern: PatternKind = PatternKind.STRIDED_QUERY
     query_stride: int = 16
-    coverage: float | None = None
     search_head_budgets: bool = False
     patterns: str | None = None
 
@@ -103,11 +97,6 @@ class SparseConfig:
         _check(_is_int(self.query_stride) and 1 <= self.query_stride <= self.block_size
                and self.block_size % self.query_stride == 0,
                "query_stride", self.query_stride, f"a divisor of block_size={self.block_size}")
-        _check(self.coverage is None or (isinstance(self.coverage, (int, float)) and not isinstance(self.coverage, bool)
-                                         and 0.0 < self.coverage <= 1.0),
-               "coverage", self.coverage, "None or a number in (0, 1]")
-        _check(not (self.coverage is not None and self.search_head_budgets),
-               "search_head_budgets", self.search_head_budgets, "False when coverage is set")
         _check(isinstance(self.search_head_budgets, bool),
                "search_head_budgets", self.search_head_budgets, "True or False")
         if isinstance(self.patterns, os.PathLike):

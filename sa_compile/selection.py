@@ -61,14 +61,13 @@ def rank_blocks(scores_BHQK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order_BHQK, sorted_BHQK
 
 
-def select_block_lists(scores_BHQK: torch.Tensor, density, search_head_budgets: bool = False,
-                       coverage: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def select_block_lists(scores_BHQK: torch.Tensor, density,
+                       search_head_budgets: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept blocks of each row as a list: ``order_BHQK[..., :count_BHQ]``.
 
     Row ``qb`` keeps its top ``min(K, qb + 1)`` causal blocks, diagonal and sink first.
     ``K`` is one count for every head, or with ``search_head_budgets`` a count per head from
     :func:`head_blocks_per_row`, spending the same layer budget where it buys most mass.
-    With ``coverage`` each row keeps only as many of those as :func:`coverage_counts` needs.
     ``density`` is a number or a 0-d tensor. Returns the ranked block indices (int64) and
     the per-row counts (int64, >= 1).
     """
@@ -78,10 +77,7 @@ def select_block_lists(scores_BHQK: torch.Tensor, density, search_head_budgets: 
         k_BH1 = head_blocks_per_row(sorted_BHQK, density)[..., None]
     else:
         k_BH1 = blocks_per_row(nb, density, scores_BHQK.device).expand(*scores_BHQK.shape[:2], 1)
-    count_BHQ = row_counts(k_BH1, nb, scores_BHQK.device)
-    if coverage is not None:
-        count_BHQ = torch.minimum(count_BHQ, coverage_counts(scores_BHQK, order_BHQK, coverage))
-    return order_BHQK, count_BHQ
+    return order_BHQK, row_counts(k_BH1, nb, scores_BHQK.device)
 
 
 def select_head_block_lists(scores_BHQK: torch.Tensor, density_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,20 +180,3 @@ def realized_density(seq_len: int, config) -> float:
     k = int(blocks_per_row(nb, config.density_at(nb), "cpu"))
     return grid_cost(k, nb) / causal_block_count(nb)
 
-
-def coverage_counts(scores_BHQK: torch.Tensor, order_BHQK: torch.Tensor, coverage: float) -> torch.Tensor:
-    """Per row, the fewest ranked blocks whose estimated mass reaches ``coverage`` of the row's.
-
-    ``order_BHQK`` is :func:`rank_blocks`' order (diagonal, sink, then by score), so the count
-    never drops those two. Non-finite and negative scores count as no mass. Returns
-    ``count_BHQ`` (int64), at least ``min(2, qb + 1)`` and at most ``qb + 1``.
-    """
-    nb = scores_BHQK.shape[-1]
-    idx = torch.arange(nb, device=scores_BHQK.device)
-    mass_BHQK = scores_BHQK.float().nan_to_num(0.0, posinf=0.0, neginf=0.0).clamp(min=0.0)
-    mass_BHQK = mass_BHQK.masked_fill(idx[None, :] > idx[:, None], 0.0)
-    kept_BHQK = mass_BHQK.gather(-1, order_BHQK).cumsum(-1)
-    target_BHQ1 = coverage * kept_BHQK[..., -1:]
-    # Blocks ranked before the target is reached, plus the one that reaches it.
-    needed_BHQ = (kept_BHQK < target_BHQ1).sum(-1) + 1
-    return needed_BHQ.clamp(min=2).minimum(idx + 1)

@@ -76,7 +76,7 @@ def search_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_B
     scores_BHQK = estimate_block_scores(q_BHND, k_BGND, config, scale, kv_valid_BN)
     taper_blocks = None if config.taper_from is None else config.taper_from / config.block_size
     density = tapered_density(config.density, taper_blocks, scores_BHQK.shape[-1], scores_BHQK.device)
-    return select_block_lists(scores_BHQK, density, config.search_head_budgets, config.coverage)
+    return select_block_lists(scores_BHQK, density, config.search_head_budgets)
 
 
 def _search_with_table(q_BHND, k_BGND, config, scale, kv_valid_BN, head_kinds, head_densities,

@@ -11,8 +11,7 @@ from sa_compile import PatternKind, SparseConfig
         ("density", 0.0), ("density", 1.5), ("density", "0.1"), ("block_size", 100), ("block_size", 8),
         ("min_seq_len", -1), ("min_seq_len", 1.5), ("last_q", 0), ("last_q", 10_000), ("pattern", "auto"),
         ("search_head_budgets", 1), ("taper_from", 64), ("taper_from", 4096.0), ("patterns", ""),
-        ("patterns", 3), ("query_stride", 3), ("query_stride", 0), ("query_stride", 256), ("coverage", 0.0),
-        ("coverage", 1.5),
+        ("patterns", 3), ("query_stride", 3), ("query_stride", 0), ("query_stride", 256),
     ],
 )
 def test_bad_values_raise_value_error_naming_the_field(field, value):
@@ -24,7 +23,7 @@ def test_defaults_and_description():
     cfg = SparseConfig()
     assert cfg.describe() == {
         "density": 0.3, "block_size": 128, "min_seq_len": 16384, "taper_from": 32768, "last_q": 64,
-        "pattern": "strided_query", "query_stride": 16, "coverage": None, "search_head_budgets": False,
+        "pattern": "strided_query", "query_stride": 16, "search_head_budgets": False,
         "patterns": None,
     }
     assert SparseConfig(pattern=PatternKind.VERTICAL_SLASH).describe()["pattern"] == "vertical_slash"

@@ -152,12 +152,11 @@ def test_token_metrics_in_chunks_equal_one_pass():
 
 def test_yarn_factor_by_length_and_configs_parse():
     assert [smollm2.default_yarn_factor(n) for n in (4096, 8192, 16384, 65536, 131072)] == [1, 1, 2, 8, 16]
-    args = fidelity.parse_args(["--lengths", "16k,64k", "--configs", "strided_query:0.3,auto:0.1:0.9",
-                                "--passkey-configs", "auto:0.1:0.9", "--device", "cpu"])
+    args = fidelity.parse_args(["--lengths", "16k,64k", "--configs", "strided_query:0.3,auto:0.1",
+                                "--passkey-configs", "auto:0.1", "--device", "cpu"])
     assert [fidelity.yarn_factor(args, n) for n in args.lengths] == [4, 8]
     configs = fidelity.selections(args)
-    assert [(c.pattern.value, c.density, c.coverage) for c in configs] == [("strided_query", 0.3, None),
-                                                                           ("auto", 0.1, 0.9)]
+    assert [(c.pattern.value, c.density) for c in configs] == [("strided_query", 0.3), ("auto", 0.1)]
     assert [fidelity.wants_passkeys(args, c) for c in configs] == [False, True]
 
 

@@ -72,15 +72,14 @@ def test_fp16_inputs_with_huge_norms_give_finite_scores():
     assert torch.isfinite(scores).all()
 
 
-@pytest.mark.parametrize("coverage", [None, 0.8])
-def test_compiled_op_matches_the_eager_search_and_full_budget_is_dense(coverage):
+def test_compiled_op_matches_the_eager_search_and_full_budget_is_dense():
     q, k, v = attention_inputs(2, 1, 4, 2, 200, 16, torch.float32)
     op = torch.compile(sparse_attention, dynamic=True)
     full = SparseConfig(density=1.0, block_size=16, min_seq_len=0, pattern=PatternKind.STRIDED_QUERY,
                         query_stride=4)
     assert_close(op(q, k, v, full), dense_causal_attention(q, k, v))
     sparse = SparseConfig(density=0.3, block_size=16, min_seq_len=0, pattern=PatternKind.STRIDED_QUERY,
-                          query_stride=8, coverage=coverage)
+                          query_stride=8)
     _, keep = op(q, k, v, sparse, return_keep=True)
     assert torch.equal(keep, select_kept_blocks(q, k, sparse, 16**-0.5))
 
