@@ -174,4 +174,4 @@ def test_yarn_loader_stretches_the_context():
 def test_default_text_is_long_real_prose():
     text = smollm2.default_text()
     assert len(text) > 600_000 and "The \"assert\" statement" in text[:100]
-    assert text.count(" the ") > 10_000  # English sentences, not code or filler
+    assert text.count(" the ") > 3_000  # English sentences, not code or filler
