@@ -5,11 +5,13 @@ HF transformers does not pass ``is_causal=True`` under tracing: it materializes 
 the subgraph that computes the mask, run it at small probe sizes, and accept it only if it
 equals ``k <= q`` (and ``attention_mask[b, k] != 0`` when it reads that input) on every
 probe. Anything else (a sliding window, a tensor input of unknown content, a constant we
-cannot probe past) is rejected and the SDPA stays dense.
+cannot probe past, a `[B, N]` input that is more than key padding, such as packed-sequence ids)
+is rejected and the SDPA stays dense.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +20,11 @@ from torch.utils._pytree import tree_map
 
 from .matchers import example_value, sizes_equal
 
-# Probe sizes lie past every integer constant of the mask subgraph (a window size, say),
-# so a constant that changes the mask at the real length also changes it at the probes.
+# Probe sizes lie past every constant of the mask subgraph (a window size, say), so a
+# constant that changes the mask at the real length also changes it at the probes.
 _MAX_PROBE = 4096
+_FILL = 1e30  # floats this large are additive-mask fills, not sizes
+_MAX_TENSOR_CONSTANT = 64
 
 
 @dataclass(frozen=True)
@@ -40,18 +44,36 @@ def _ancestors(node: Node) -> list[Node]:
     return [n for n in node.graph.nodes if n in seen]
 
 
-def _int_constants(nodes: list[Node]) -> set[int]:
+def _constants(gm: GraphModule, nodes: list[Node]) -> set[int] | str:
+    """Magnitudes (rounded up) of the numbers the mask subgraph holds: int and float literals
+    and the values of small tensor attributes, since a window may hide in any of them. Float
+    fills of additive masks (-inf, finfo.min) are not windows and are left out. Returns the
+    reason instead when a tensor attribute is too large to read as constants."""
     found: set[int] = set()
 
     def visit(x):
-        if isinstance(x, int) and not isinstance(x, bool):
-            found.add(abs(x))
+        if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and abs(x) < _FILL:
+            found.add(math.ceil(abs(x)))
         return x
 
     for n in nodes:
-        if n.op != "placeholder":
+        if n.op == "get_attr":
+            value = _attribute(gm, n.target)
+            if isinstance(value, torch.Tensor):
+                if value.numel() > _MAX_TENSOR_CONSTANT:
+                    return f"mask reads a tensor constant of {value.numel()} elements"
+                for x in value.detach().cpu().double().flatten().tolist():
+                    visit(x)
+        elif n.op != "placeholder":
             tree_map(visit, (n.args, n.kwargs))
     return found
+
+
+def _attribute(gm: GraphModule, target: str):
+    value = gm
+    for name in target.split("."):
+        value = getattr(value, name, None)
+    return value
 
 
 class _Probe:
@@ -62,7 +84,9 @@ class _Probe:
         self.nodes = _ancestors(mask)
         self.static_len = seq_len if isinstance(seq_len, int) else None
         self.inputs = [n for n in self.nodes if n.op == "placeholder"]
-        self.constants = _int_constants(self.nodes) - {self.static_len}
+        constants = _constants(gm, self.nodes)
+        self.reason = constants if isinstance(constants, str) else None
+        self.constants = set() if self.reason else constants - {self.static_len}
 
     def _module_at(self, n: int) -> GraphModule:
         """Copy the subgraph; in a static graph, the literal sequence length becomes ``n``."""
@@ -113,7 +137,10 @@ def _padding_patterns(batch: int, n: int, dtype, device) -> list[torch.Tensor]:
     left[:, : n // 3] = 0
     right[:, -(n // 4):] = 0
     rand = (torch.rand(batch, n, generator=gen) > 0.3).long()
-    return [p.to(dtype=dtype, device=device) for p in (ones, left, right, rand)]
+    # The op reads any nonzero as a real token: a mask that tests `== 1` must fail here.
+    values = torch.tensor([1, 2, -1, 7])[torch.randint(4, (batch, n), generator=gen)]
+    patterns = (ones, left, right, rand, rand * values, left * values)
+    return [p.to(dtype=dtype, device=device) for p in patterns]
 
 
 def prove_causal(gm: GraphModule, mask: Node, seq_len) -> CausalMask | str:
@@ -131,6 +158,8 @@ def prove_causal(gm: GraphModule, mask: Node, seq_len) -> CausalMask | str:
         if not is_padding:
             return f"mask reads tensor input {ph.target!r}"
         padding = ph
+    if probe.reason:
+        return probe.reason
     if any(c > _MAX_PROBE for c in probe.constants):
         return f"mask subgraph holds a constant past the probe limit ({max(probe.constants)})"
     symbols = {}
@@ -184,5 +213,8 @@ def _check_at(probe: _Probe, n: int, padding: Node | None, symbols: dict) -> str
         except RuntimeError:
             return "mask shape does not broadcast against [B, 1, N, N]"
         if not bool(((same[0] == same[1]) | ~live_rows).all()):
+            if padding_BN is not None and bool((padding_BN != 0).all()):
+                # Not causal even with no padding: the input is not a padding mask.
+                return f"mask reads {padding.target!r} as more than key padding (packed sequences, say)"
             return "mask is not plain causal" + (" with key padding" if padding_BN is not None else "")
     return None

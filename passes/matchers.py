@@ -53,6 +53,16 @@ def sizes_equal(a, b) -> bool:
     return bool(statically_known_true(a == b))
 
 
+def surely_non_contiguous(t: torch.Tensor) -> bool:
+    """True only when ``t.contiguous()`` certainly copies (symbolic sizes included)."""
+    expected = 1
+    for size, stride in reversed(list(zip(t.shape, t.stride()))):
+        if statically_known_true(size > 1) and statically_known_true(stride != expected):
+            return True
+        expected = expected * size
+    return False
+
+
 def _is_method(node: Any, *names: str) -> bool:
     return isinstance(node, Node) and node.op == "call_method" and node.target in names
 

@@ -20,7 +20,7 @@ from sa_compile.patterns import PatternTable, load_table
 from sa_compile.sparse_op import rewritten_sdpa
 
 from .causal_mask import CausalMask, prove_causal
-from .matchers import example_value, is_sdpa, parse_sdpa, sizes_equal, unrepeat_kv
+from .matchers import example_value, is_sdpa, parse_sdpa, sizes_equal, surely_non_contiguous, unrepeat_kv
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -53,6 +53,18 @@ def _shape_reason(q, k, v) -> str | None:
     return None
 
 
+def _cpu_buffer_reason(q, k) -> str | None:
+    """Inductor's CPU FlexAttention template reads q's and k's sizes off their storage
+    buffers (torch 2.13). The rewrite copies a non-contiguous q or k (GPT-2's, a transposed
+    view of its 2-D c_attn matmul, failed the lowering); a contiguous view of a buffer of
+    another rank has no copy to make and stays dense."""
+    for name, t in (("query", q), ("key", k)):
+        base = t._base
+        if base is not None and base.dim() != 4 and not surely_non_contiguous(t):
+            return f"{name} is a contiguous view of a {base.dim()}-D buffer (CPU FlexAttention cannot read it)"
+    return None
+
+
 def _causality(gm, call, seq_len) -> CausalMask | str:
     if call.attn_mask is None:
         return CausalMask(padding=None) if call.is_causal is True else "attention is not causal"
@@ -72,11 +84,16 @@ def plan_rewrite(gm: GraphModule, node: Node, config: SparseConfig, on_cpu: bool
     reason = _shape_reason(q, k, v)
     if reason:
         return reason
+    if any(t.requires_grad for t in (q, k, v)):
+        # The BlockMask is built without the backward's transposed (q-block) indices.
+        return "graph needs gradients (training)"
     seq_len = q.shape[-2]
     if not on_cpu and config.block_size < _MIN_GPU_BLOCK:
         return f"block_size {config.block_size} is below the GPU FlexAttention tile ({_MIN_GPU_BLOCK})"
     if isinstance(seq_len, int) and seq_len < config.min_seq_len:
         return "prompt shorter than min_seq_len"
+    if on_cpu and (reason := _cpu_buffer_reason(q, example_value(unrepeat_kv(call.key)))):
+        return reason
     causal = _causality(gm, call, seq_len)
     if isinstance(causal, str):
         return causal
@@ -104,11 +121,25 @@ def _erase_dead(graph, candidates: list[Node]) -> None:
         pending.extend(inputs)
 
 
-def _rewrite(gm: GraphModule, node: Node, plan: _Plan, config: SparseConfig, head_pattern: dict | None) -> None:
+def _contiguous(gm: GraphModule, node: Node) -> Node:
+    copy = gm.graph.call_method("contiguous", (node,))
+    value = example_value(node)
+    if isinstance(value, torch.Tensor):
+        copy.meta["example_value"] = value.contiguous()  # a fake tensor: no data is copied
+    return copy
+
+
+def _rewrite(gm: GraphModule, node: Node, plan: _Plan, config: SparseConfig, head_pattern: dict | None,
+             on_cpu: bool) -> None:
     old_inputs = node.all_input_nodes
     with gm.graph.inserting_before(node):
+        query, key = plan.query, plan.key
+        if on_cpu:
+            # A 4-D buffer of their own for the CPU template (see _cpu_buffer_reason); a no-op
+            # for tensors already contiguous.
+            query, key = (_contiguous(gm, x) for x in (query, key))
         new = gm.graph.call_function(
-            rewritten_sdpa, (plan.query, plan.key, plan.value, plan.padding, plan.scale),
+            rewritten_sdpa, (query, key, plan.value, plan.padding, plan.scale),
             {**config.describe(), "head_pattern": head_pattern},
         )
     new.meta.update(node.meta)
@@ -143,6 +174,13 @@ def _check_table(table: PatternTable, nodes: list[Node], config: SparseConfig) -
                 raise ValueError(f"{error} at layer {layer}") from None
 
 
+def _nested_sdpa_nodes(gm: GraphModule) -> list[Node]:
+    """SDPA calls inside higher-order-op subgraphs (activation checkpointing, ``cond``...):
+    the rewrite does not reach into them, so they are counted as skipped, not missed."""
+    return [n for name, sub in gm.named_modules() if name and isinstance(sub, GraphModule)
+            for n in sub.graph.nodes if is_sdpa(n)]
+
+
 def sparse_sdpa_pass(gm: GraphModule, example_inputs, *, config: SparseConfig) -> GraphModule:
     """Rewrite each provably causal self-attention SDPA into ``rewritten_sdpa``.
 
@@ -160,9 +198,13 @@ def sparse_sdpa_pass(gm: GraphModule, example_inputs, *, config: SparseConfig) -
         if isinstance(plan, str):
             _count_skip(plan)
             continue
-        _rewrite(gm, node, plan, config, None if table is None else table.layer_fields(layer))
+        _rewrite(gm, node, plan, config, None if table is None else table.layer_fields(layer), on_cpu)
         rewritten += 1
         counters["sa_compile"]["rewritten"] += 1
+    nested = _nested_sdpa_nodes(gm)
+    for _ in nested:
+        _count_skip("inside a higher-order op subgraph (activation checkpointing, cond, ...)")
     gm.recompile()
-    log.info("sa_compile: rewrote %d of %d SDPA nodes; skipped %d", rewritten, len(nodes), len(nodes) - rewritten)
+    total = len(nodes) + len(nested)
+    log.info("sa_compile: rewrote %d of %d SDPA nodes; skipped %d", rewritten, total, total - rewritten)
     return gm

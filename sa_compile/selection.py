@@ -44,20 +44,37 @@ def tapered_density(density: float, taper_blocks: float | None, num_blocks_, dev
     return density * torch.clamp(taper_blocks / nb, max=1.0)
 
 
+# Scores past this magnitude are not estimates; clamping keeps every key finite and a sum
+# of a whole column of keys (the head-budget search's gains) below float32's range.
+_KEY_LIMIT = 2.0**100
+
+
 def rank_blocks(scores_BHQK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row's blocks in the order they are kept: diagonal, sink, then by score.
 
-    Blocks above the diagonal come last. Returns ``order_BHQK`` (block indices, int64) and
-    the row's ranking keys in that order (``+inf`` and the largest float for the two forced
-    blocks, ``-inf`` above the diagonal).
+    Blocks above the diagonal come last, in index order. The diagonal and the sink are put
+    in slots 0 and 1 by construction, not by their sort rank, so no score (NaN, +-inf,
+    ties) can move them: :func:`~sa_compile.sparse_op.build_block_mask` runs slot 0 as the
+    partial (causally masked) block. Only the blocks strictly between sink and diagonal are
+    sorted, on finite keys (NaN ranks lowest, infinities are clamped). Returns
+    ``order_BHQK`` (block indices, int64) and the row's ranking keys in that order (``+inf``
+    and the largest float for the two forced blocks, ``-inf`` above the diagonal).
     """
     nb = scores_BHQK.shape[-1]
     idx = torch.arange(nb, device=scores_BHQK.device)
-    offsets_QK = idx[:, None] - idx[None, :]
-    ranked = scores_BHQK.float().masked_fill(offsets_QK < 0, float("-inf"))
-    ranked = ranked.masked_fill((idx[None, :] == 0) & (offsets_QK > 0), torch.finfo(torch.float32).max)
-    ranked = ranked.masked_fill(offsets_QK == 0, float("inf"))
-    sorted_BHQK, order_BHQK = torch.sort(ranked, dim=-1, descending=True, stable=True)
+    free_QK = (idx[:, None] > idx[None, :]) & (idx[None, :] > 0)
+    keys = scores_BHQK.float().nan_to_num(-_KEY_LIMIT, _KEY_LIMIT, -_KEY_LIMIT).clamp(-_KEY_LIMIT, _KEY_LIMIT)
+    # Finite free keys against -inf elsewhere: row qb's qb - 1 free blocks sort first.
+    free_keys_BHQK, free_order_BHQK = torch.sort(keys.masked_fill(~free_QK, float("-inf")), dim=-1,
+                                                 descending=True, stable=True)
+    slot_K, row_Q1 = idx, idx[:, None]
+    from_free_QK = (slot_K >= 2) & (slot_K <= row_Q1)  # slot s holds the (s - 2)-th free block
+    source_BHQK = (slot_K - 2).clamp(min=0).expand_as(free_order_BHQK)
+    forced_QK = torch.where(slot_K == 0, row_Q1, torch.where((slot_K == 1) & (row_Q1 > 0), 0, slot_K))
+    order_BHQK = torch.where(from_free_QK, free_order_BHQK.gather(-1, source_BHQK), forced_QK)
+    forced_keys_QK = torch.where(slot_K == 0, float("inf"), torch.where(
+        slot_K <= row_Q1, torch.finfo(torch.float32).max, float("-inf")))
+    sorted_BHQK = torch.where(from_free_QK, free_keys_BHQK.gather(-1, source_BHQK), forced_keys_QK)
     return order_BHQK, sorted_BHQK
 
 

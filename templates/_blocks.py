@@ -29,6 +29,15 @@ def block_means(x_BHND: torch.Tensor, block_size: int) -> torch.Tensor:
     return sums_BHKD / counts_K[:, None]
 
 
+def logits_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a template's estimate logits are computed in: float32 for float16 inputs.
+
+    A float16 matmul overflows to inf once ``q.k`` passes 65504 (large-norm activations do),
+    and a softmax over inf is NaN; bfloat16 and float32 share float32's range.
+    """
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def block_offsets_QK(num_blocks_, device) -> torch.Tensor:
     """``qb - kb`` for every (query block, key block) pair; negative above the diagonal."""
     idx = torch.arange(num_blocks_, device=device)

@@ -15,16 +15,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._blocks import block_means, block_offsets_QK
+from ._blocks import block_means, block_offsets_QK, logits_dtype
 
 
 def block_query_scores(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
     """Causal softmax of block-mean queries against every key, summed per key block, ``[B, H_q, nb, nb]``."""
     B, H, N, D = q_BHND.shape
     G = k_BGND.shape[1]
-    q_BHQD = block_means(q_BHND, block_size).to(k_BGND.dtype)
+    dtype = logits_dtype(k_BGND.dtype)
+    q_BHQD = block_means(q_BHND, block_size).to(dtype)
     nb = q_BHQD.shape[-2]
-    logits = torch.matmul(q_BHQD.reshape(B, G, (H // G) * nb, D), k_BGND.transpose(-1, -2))
+    logits = torch.matmul(q_BHQD.reshape(B, G, (H // G) * nb, D), k_BGND.to(dtype).transpose(-1, -2))
     # Keys past N (the short last block) pad with -inf: they hold no mass.
     logits_BHQN = F.pad(logits.view(B, H, nb, N).float() * scale, (0, nb * block_size - N), value=float("-inf"))
     lse_BHQK = torch.logsumexp(logits_BHQN.unflatten(-1, (nb, block_size)), dim=-1)

@@ -16,12 +16,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._blocks import block_means, block_offsets_QK, normalize_causal_rows, num_blocks, pad_to_blocks
+from ._blocks import block_means, block_offsets_QK, logits_dtype, normalize_causal_rows, num_blocks, pad_to_blocks
 
 
 def last_q_attention(q_BHND: torch.Tensor, k_BGND: torch.Tensor, last_q: int, scale: float,
                      kv_valid_BN: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact causal softmax attention of the last ``last_q`` queries, in float32.
+    """Exact causal softmax attention of the last ``last_q`` queries, in float32 (float16
+    logits too, see :func:`~sa_compile.templates._blocks.logits_dtype`).
 
     ``k`` may have fewer heads than ``q`` (grouped-query attention); query head ``h``
     reads key head ``h // (H_q // H_kv)``. Keys where ``kv_valid_BN`` is zero are masked.
@@ -31,8 +32,9 @@ def last_q_attention(q_BHND: torch.Tensor, k_BGND: torch.Tensor, last_q: int, sc
     G = k_BGND.shape[1]
     q_BHLD = q_BHND[:, :, -last_q:, :]
     L = q_BHLD.shape[2]
-    q_BGXD = q_BHLD.reshape(B, G, (H // G) * L, D)
-    logits_BHLN = torch.matmul(q_BGXD, k_BGND.transpose(-1, -2)).view(B, H, L, N).float() * scale
+    dtype = logits_dtype(q_BHND.dtype)
+    q_BGXD = q_BHLD.reshape(B, G, (H // G) * L, D).to(dtype)
+    logits_BHLN = torch.matmul(q_BGXD, k_BGND.to(dtype).transpose(-1, -2)).view(B, H, L, N).float() * scale
     q_pos_L = torch.arange(L, device=q_BHND.device) + (N - L)
     visible_LN = torch.arange(N, device=q_BHND.device)[None, :] <= q_pos_L[:, None]
     visible = visible_LN if kv_valid_BN is None else visible_LN & (kv_valid_BN != 0)[:, None, None, :]

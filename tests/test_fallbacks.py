@@ -103,3 +103,68 @@ def test_each_skip_reason_is_logged_once(caplog):
         torch._dynamo.reset()
         _run(fn, *args)
     assert sum("attention is not causal" in r.message for r in caplog.records) == 1
+
+
+def test_training_graphs_stay_dense_and_gradients_match():
+    """The BlockMask has no backward indices: a graph that needs gradients stays on SDPA."""
+    model = tiny_llama().train()
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend=sa_compile.make_backend(CFG), fullgraph=True)
+    compiled(ids, labels=ids).loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    assert counters["sa_compile"]["skipped: graph needs gradients (training)"] == 2
+    assert counters["sa_compile"]["rewritten"] == 0
+    for actual, expected in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def _attention(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _checkpointed(q, k, v):
+    return torch.utils.checkpoint.checkpoint(_attention, q, k, v, use_reentrant=False)
+
+
+def _conditional(q, k, v):
+    return torch.cond(q.sum() > 0, _attention, lambda q, k, v: _attention(q, k, v) * 2, (q, k, v))
+
+
+@pytest.mark.parametrize("fn, count", [(_checkpointed, 1), (_conditional, 2)])
+def test_sdpa_inside_higher_order_ops_is_counted(fn, count):
+    """Activation checkpointing and cond trace SDPA into subgraphs the rewrite leaves alone."""
+    actual, expected = _run(fn, *_qkv())
+    _assert_skipped("inside a higher-order op subgraph (activation checkpointing, cond, ...)", count)
+    torch.testing.assert_close(actual, expected, **EXACT)
+
+
+def test_a_contiguous_view_of_a_2d_buffer_stays_dense_on_cpu():
+    """Inductor's CPU FlexAttention template reads q's sizes off its buffer: a one-head q, a
+    contiguous view of a matmul output, has no 4-D buffer to copy (a transposed view does)."""
+    torch.manual_seed(0)
+    q_proj, kv_proj = torch.nn.Linear(16, 16), torch.nn.Linear(16, 32)
+
+    def one_head(x):
+        q = q_proj(x).view(1, x.shape[1], 1, 16).transpose(1, 2)
+        k, v = kv_proj(x).view(1, x.shape[1], 2, 16).transpose(1, 2).split(1, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    actual, expected = _run(one_head, torch.randn(1, 64, 16))
+    _assert_skipped("query is a contiguous view of a 2-D buffer (CPU FlexAttention cannot read it)")
+    torch.testing.assert_close(actual, expected, **EXACT)
+
+
+def test_packed_sequences_from_position_ids_stay_dense():
+    """HF builds a packed-sequence mask from position_ids (no attention_mask, no cache): each
+    token sees only its own sequence. That is not plain causal, and it is counted."""
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(0))
+    position_ids = torch.cat([torch.arange(30), torch.arange(18)])[None]
+    compiled = torch.compile(model, backend=sa_compile.make_backend(CFG), fullgraph=True)
+    with torch.no_grad():
+        actual = compiled(ids, position_ids=position_ids, use_cache=False).logits
+        expected = model(ids, position_ids=position_ids, use_cache=False).logits
+    _assert_skipped("mask reads 'L_kwargs_position_ids_' as more than key padding (packed sequences, say)", 2)
+    torch.testing.assert_close(actual, expected, **EXACT)

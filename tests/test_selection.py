@@ -10,6 +10,8 @@ from sa_compile.selection import (
     head_blocks_per_row, rank_blocks, select_blocks, tapered_density,
 )
 
+from .strategies import core
+
 
 @given(nb=st.integers(1, 300), density=st.floats(0.001, 1.0))
 def test_blocks_per_row_is_the_largest_count_within_budget(nb, density):
@@ -34,6 +36,7 @@ def test_full_density_keeps_every_causal_block():
         assert torch.equal(keep, causal.expand_as(keep))
 
 
+@core
 @given(seed=st.integers(0, 2**16), nb=st.integers(1, 40), density=st.floats(0.01, 1.0))
 def test_selection_is_causal_keeps_sink_and_diagonal_and_meets_budget(seed, nb, density):
     gen = torch.Generator().manual_seed(seed)
@@ -52,6 +55,7 @@ def test_selection_is_causal_keeps_sink_and_diagonal_and_meets_budget(seed, nb, 
         density=density, block_size=16, min_seq_len=0))) < 1e-12
 
 
+@core
 @given(seed=st.integers(0, 2**16), nb=st.integers(2, 40))
 def test_selection_keeps_the_highest_scoring_blocks(seed, nb):
     gen = torch.Generator().manual_seed(seed)
@@ -65,6 +69,7 @@ def test_selection_keeps_the_highest_scoring_blocks(seed, nb):
             assert chosen >= dropped
 
 
+@core
 @given(nb=st.integers(1, 40), density=st.floats(0.01, 1.0), seed=st.integers(0, 2**16))
 def test_block_lists_rank_diagonal_then_sink_and_match_the_grid(nb, density, seed):
     scores = torch.rand(2, 3, nb, nb, generator=torch.Generator().manual_seed(seed))
