@@ -41,15 +41,16 @@ def test_prefill_is_sparse_exact_at_full_density_and_compiled_once_for_all_lengt
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_generate_runs_the_prefill_sparse_and_decode_steps_dense():
+@pytest.mark.parametrize("cache", [None, "static"])  # an empty static cache holds more slots than the prompt
+def test_generate_runs_the_prefill_sparse_and_decode_steps_dense(cache):
     model = tiny_llama()
     ids = _ids(1, 70)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}  # as a tokenizer returns them
     with torch.no_grad():
         model.set_attn_implementation("sdpa")
-        expected = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        expected = model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation=cache)
         model.set_attn_implementation("sa_compile")
-        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation=cache)
     assert torch.equal(generated, expected)
     assert counters["sa_compile"]["rewritten"] == 2  # the prefill's two layers
     assert counters["sa_compile"][DECODE] == counters["sa_compile"]["skipped"] == 2 * 3  # three decode steps
