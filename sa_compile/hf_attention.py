@@ -19,8 +19,6 @@ masks do, instead of a ``[B, 1, N, N]`` one; every other case gets transformers'
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch._dynamo.utils import counters
 
@@ -65,9 +63,8 @@ def prefill_mask(**arguments):
     return valid_BN
 
 
-@functools.cache
 def compiled_prefill(config: SparseConfig):
-    """The sparse op under ``config``, compiled once per shape family (dynamic shapes).
+    """The sparse op under ``config``, compiled once per shape family (dynamic shapes) on first call.
 
     Example::
 
@@ -79,7 +76,7 @@ def compiled_prefill(config: SparseConfig):
     def sparse_prefill(q_BHND, k_BGND, v_BGND, scale, kv_valid_BN):
         return sparse_attention(q_BHND, k_BGND, v_BGND, config, scale, kv_valid_BN)
 
-    return torch.compile(sparse_prefill, backend=inductor, dynamic=True)
+    return torch.compile(sparse_prefill, backend=inductor, dynamic=True, fullgraph=True)
 
 
 def _keys_for_prefill(query, key, value, attention_mask):
@@ -182,6 +179,7 @@ def make_attention(config: SparseConfig | None = None):
         AttentionInterface.register("sa_compile", make_attention(SparseConfig(density=0.05)))
     """
     config = SparseConfig() if config is None else config
+    sparse_prefill = compiled_prefill(config)
 
     def sa_compile_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                              **kwargs):
@@ -192,7 +190,7 @@ def make_attention(config: SparseConfig | None = None):
         key, value, kv_valid_BN = plan
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
         counters["sa_compile"]["rewritten"] += 1
-        out_BHND = compiled_prefill(config)(query, key, value, scale, kv_valid_BN)
+        out_BHND = sparse_prefill(query, key, value, scale, kv_valid_BN)
         return out_BHND.transpose(1, 2).contiguous(), None
 
     sa_compile_attention.config = config
