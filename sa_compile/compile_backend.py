@@ -56,7 +56,8 @@ def inductor(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = Non
 
         attn = torch.compile(sa_compile.sparse_attention, backend=inductor, dynamic=True)
     """
-    return compile_fx(gm, example_inputs, config_patches=inductor_options(mode, options, on_cpu=_on_cpu(example_inputs)))
+    patches = inductor_options(mode, options, on_cpu=_on_cpu(example_inputs))
+    return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def make_backend(config: SparseConfig | None = None):

@@ -25,6 +25,7 @@ from torch._dynamo.utils import counters
 from ._log import count_skip
 from .config import SparseConfig
 
+
 def _is_plain_prefill(arguments: dict) -> bool:
     """A causal mask over as many keys as queries, from position 0 (an empty cache)."""
     from transformers.masking_utils import causal_mask_function
