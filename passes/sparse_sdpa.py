@@ -25,7 +25,7 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 # Triton's FlexAttention kernel tiles queries by up to 128 and needs sparse blocks it divides
 # (smaller blocks fail in the lowering: measured on an H100, torch 2.11).
-MIN_GPU_BLOCK = 128
+_MIN_GPU_BLOCK = 128
 
 
 @dataclass
@@ -73,8 +73,8 @@ def plan_rewrite(gm: GraphModule, node: Node, config: SparseConfig, on_cpu: bool
     if reason:
         return reason
     seq_len = q.shape[-2]
-    if not on_cpu and config.block_size < MIN_GPU_BLOCK:
-        return f"block_size {config.block_size} is below the GPU FlexAttention tile ({MIN_GPU_BLOCK})"
+    if not on_cpu and config.block_size < _MIN_GPU_BLOCK:
+        return f"block_size {config.block_size} is below the GPU FlexAttention tile ({_MIN_GPU_BLOCK})"
     if isinstance(seq_len, int) and seq_len < config.min_seq_len:
         return "prompt shorter than min_seq_len"
     causal = _causality(gm, call, seq_len)

@@ -102,7 +102,7 @@ def _argument_reason(module, dropout, is_causal, kwargs) -> str | None:
 
 
 def _prefill_reason(config: SparseConfig, query, key, value, attention_mask, kwargs) -> str | None:
-    from sa_compile.passes.sparse_sdpa import MIN_GPU_BLOCK
+    from sa_compile.passes.sparse_sdpa import _MIN_GPU_BLOCK
 
     n = query.shape[-2]
     window = kwargs.get("sliding_window")
@@ -114,8 +114,8 @@ def _prefill_reason(config: SparseConfig, query, key, value, attention_mask, kwa
         return "gradients are enabled (the sparse op has no backward)"
     if n < config.min_seq_len:
         return "prompt shorter than min_seq_len"
-    if query.device.type != "cpu" and config.block_size < MIN_GPU_BLOCK:
-        return f"block_size {config.block_size} is below the GPU FlexAttention tile ({MIN_GPU_BLOCK})"
+    if query.device.type != "cpu" and config.block_size < _MIN_GPU_BLOCK:
+        return f"block_size {config.block_size} is below the GPU FlexAttention tile ({_MIN_GPU_BLOCK})"
     if attention_mask is not None and query.device.type == "cpu":
         # Inductor's CPU flex template cannot read a mask buffer under dynamic shapes.
         return "key padding with dynamic shapes on CPU"
