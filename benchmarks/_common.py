@@ -224,15 +224,21 @@ def write_json(path: Path, record: dict) -> None:
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
-def plot_panels(path: Path, panels: Sequence[dict], title: str) -> None:
-    """Draw side-by-side line plots into a PNG.
+def plot_panels(path: Path, panels: Sequence[dict], title: str) -> bool:
+    """Draw side-by-side line plots into a PNG; False (and a note on stderr) without matplotlib.
 
     Each panel is ``{"title", "xlabel", "ylabel", "series": {label: (xs, ys[, style])},
     "logx", "logy", "hline", "xticks": {x: label}}``; ``style`` is passed to ``plot`` (a
     ``linestyle``, say); points whose y is None (OOM, not run) are left out.
     """
-    import matplotlib
-    import matplotlib.ticker
+    try:
+        import matplotlib
+        import matplotlib.ticker
+    except ImportError:
+        # The table and JSON are the results; the plot is optional (the "bench" extra).
+        print(f"no plot {path}: matplotlib is not installed (pip install matplotlib, or "
+              f"pip install -e '.[bench]')", file=sys.stderr)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -261,6 +267,7 @@ def plot_panels(path: Path, panels: Sequence[dict], title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def add_pattern_argument(parser) -> None:

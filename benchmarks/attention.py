@@ -239,7 +239,7 @@ def table(rows: list[dict]) -> str:
          r.get("peak_gib")] for r in rows])
 
 
-def plot(path: Path, rows: list[dict], title: str) -> None:
+def plot(path: Path, rows: list[dict], title: str) -> bool:
     methods = list(dict.fromkeys(r["method"] for r in rows if not r["method"].startswith("sparse kernel")))
     lengths = sorted({r["seq_len"] for r in rows})
 
@@ -249,7 +249,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
 
     ticks = {n: common.length_label(n) for n in lengths}
 
-    common.plot_panels(path, [
+    return common.plot_panels(path, [
         {"title": "attention layer time", "xlabel": "sequence length", "ylabel": "ms", "series": series("ms"),
          "logx": True, "logy": True, "xticks": ticks},
         {"title": "time relative to fused SDPA", "xlabel": "sequence length", "ylabel": "t / t_SDPA",
@@ -308,9 +308,9 @@ def main(argv=None) -> None:
         "rows": rows,
     }
     common.write_json(args.out / f"{name}.json", record)
-    plot(args.out / f"{name}.png", rows, f"attention layer on {env['device']} ({shape['dtype']})")
+    plotted = plot(args.out / f"{name}.png", rows, f"attention layer on {env['device']} ({shape['dtype']})")
     print(table(rows))
-    progress(f"wrote {args.out / name}.json and .png")
+    progress(f"wrote {args.out / name}.json" + (" and .png" if plotted else ""))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 """Time to first token of a Llama prefill: eager SDPA vs Inductor vs sa_compile.
 
 TTFT here is one prefill of N tokens that fills a fresh KV cache and returns the logits
-of the last position (the first generated token's distribution). Every system runs in this
-one process on the same seeded token ids; compile time (first call minus a steady call) is
+of the last position (the first generated token's distribution); the systems
+``eager_generate``, ``generate`` (``model.compile(backend=...)``) and ``hf_attention``
+(``attn_implementation="sa_compile"``) time ``generate()``'s first token instead, with a
+tokenizer's all-ones attention_mask (see ``_systems.py``). Every system runs in this one
+process on the same seeded token ids; compile time (first call minus a steady call) is
 reported apart from the steady-state median.
 
     python benchmarks/compile_ttft.py                                   # tiny model, CPU ok
     python benchmarks/compile_ttft.py --model llama-3.1-8b --lengths 16k,32k,64k,128k
+    python benchmarks/compile_ttft.py --model llama-3.1-8b --lengths 32k,128k \
+        --systems eager,eager_generate,sa_compile,generate,hf_attention     # generate() beside the prefill
     torchrun --nproc-per-node 2 benchmarks/compile_ttft.py --tp 2       # heads sharded over 2 devices
     python benchmarks/compile_ttft.py --calibrate 1k --block-size 16 --systems sa_compile,sa_compile+table
 
@@ -27,7 +32,6 @@ import argparse
 import sys
 import time
 import traceback
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,61 +42,14 @@ import _calibrated as calibrated  # noqa: E402
 import _common as common  # noqa: E402
 import _parallel as parallel  # noqa: E402
 from _models import build_model  # noqa: E402
+from _systems import System, make_systems  # noqa: E402
 
 import sa_compile  # noqa: E402
 from sa_compile.selection import realized_density  # noqa: E402
 
-BASE_SYSTEMS = ("eager", "inductor", "sa_compile")
 TINY_LENGTHS = "256,512,1024"
 LLAMA_LENGTHS = "16k,32k,64k,128k"
 GRADIENT_FROM, GRADIENT_TO = 64 * 1024, 128 * 1024
-
-
-@dataclass(frozen=True)
-class System:
-    name: str
-    sparse: sa_compile.SparseConfig | None = None  # None: eager or plain Inductor
-
-    def compile(self, model, dynamic: bool | None = None):
-        if self.name == "eager":
-            return model
-        if self.sparse is None:
-            return torch.compile(model, dynamic=dynamic)
-        return torch.compile(model, backend=sa_compile.make_backend(self.sparse), dynamic=dynamic)
-
-
-def make_systems(args, base: sa_compile.SparseConfig) -> list[System]:
-    """The systems to run, in order; ``sa_compile@d`` is the base config at density d."""
-    wanted = args.systems or (list(BASE_SYSTEMS) + [f"sa_compile@{d:g}" for d in args.densities]
-                              + (["sa_compile+table"] if args.patterns is not None else []))
-    systems = []
-    for name in wanted:
-        if name in ("eager", "inductor"):
-            systems.append(System(name))
-        elif name == "sa_compile":
-            systems.append(System(name, base))
-        elif name == "sa_compile+heads":
-            systems.append(System(name, replace(base, search_head_budgets=True)))
-        elif name == "sa_compile+table":
-            if args.patterns is None:
-                raise SystemExit("system sa_compile+table needs --patterns FILE or --calibrate N")
-            systems.append(System(name, replace(base, patterns=str(args.patterns))))
-        elif name.startswith("sa_compile@"):
-            density = float(name.split("@", 1)[1])
-            systems.append(System(f"sa_compile@{density:g}", replace(base, density=density)))
-        else:
-            raise SystemExit(f"unknown system {name!r}: use eager, inductor, sa_compile, sa_compile@<density>, "
-                             "sa_compile+heads or sa_compile+table")
-    return systems
-
-
-def prefill(model, ids_BN: torch.Tensor) -> torch.Tensor:
-    """One TTFT: fill a fresh KV cache with the prompt, return the last position's logits."""
-    from transformers import DynamicCache
-
-    out = model(input_ids=ids_BN, past_key_values=DynamicCache(config=model.config), use_cache=True,
-                logits_to_keep=1)
-    return out.logits
 
 
 def _counts() -> dict:
@@ -103,12 +60,12 @@ def _delta(before: dict, after: dict) -> dict:
     return {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
 
 
-def measure(compiled, ids_BN, args, device, say) -> dict:
+def measure(first_token, ids_BN, args, device, say) -> dict:
     """One (system, length) row: first call (compiles if needed), warm-up, timed repeats."""
     say("first call (compiles if needed)")
     with torch.inference_mode():
-        first_s, logits = common.wall_time(lambda: prefill(compiled, ids_BN), device)
-        timing = common.time_fn(lambda: prefill(compiled, ids_BN), device, repeats=args.repeats,
+        first_s, logits = common.wall_time(lambda: first_token(ids_BN), device)
+        timing = common.time_fn(lambda: first_token(ids_BN), device, repeats=args.repeats,
                                 warmup=args.warmup, on_step=say)
     return {
         "ttft_s": timing.median_s, "samples_s": timing.samples_s, "first_call_s": first_s,
@@ -117,14 +74,14 @@ def measure(compiled, ids_BN, args, device, say) -> dict:
     }
 
 
-def measure_or_oom(compiled, ids_BN, args, device, say) -> dict:
+def measure_or_oom(first_token, ids_BN, args, device, say) -> dict:
     """:func:`measure`, with an out-of-memory recorded as ``"OOM"`` (and its memory freed).
 
     Any other failure is recorded as ``"FAILED"`` with its traceback on stderr, so one
     system that does not compile does not lose the others' hours of measurements.
     """
     try:
-        return measure(compiled, ids_BN, args, device, say)
+        return measure(first_token, ids_BN, args, device, say)
     except Exception as exc:
         oom = common.is_oom(exc)
         if not oom:
@@ -139,27 +96,24 @@ def measure_or_oom(compiled, ids_BN, args, device, say) -> dict:
 
 def run_system(system: System, model, ids_by_len: dict, args, device, progress, on_row=lambda row: None) -> list[dict]:
     """All lengths of one system on one compiled model; frees it all afterwards."""
-    compiled = system.compile(model, args.dynamic)
-    # Rewrite counts of the latest compile: the graph that serves this and the next lengths
-    # until a guard fails and another compile takes over.
+    # Rewrite counts of one prefill on the graph that serves this length (see System.serving).
     serving = None
     rows = []
-    for n, ids_BN in ids_by_len.items():
-        say = progress.scoped(f"{system.name:>16} N={common.length_label(n)}")
-        before = _counts()
-        row = {"system": system.name, "seq_len": n, **measure_or_oom(compiled, ids_BN, args, device, say)}
-        change = _delta(before, _counts())
-        row["new_graphs"] = change.pop("graphs", 0)
-        row["sa_compile_counters"] = change or None
-        ok = isinstance(row["ttft_s"], float)
-        row["compile_s"] = row["first_call_s"] - row["ttft_s"] if ok and row["new_graphs"] else None
-        if row["new_graphs"] and system.sparse is not None:
-            serving = {"rewritten": change.get("rewritten", 0), "skipped": change.get("skipped", 0)}
-        row["sdpa_rewritten"] = _rewrite_label(serving) if system.sparse is not None else None
-        row["density"] = _density(system, n, serving) if ok else None
-        rows.append(row)
-        on_row(row)
-    del compiled
+    with system.prepared(model, args.dynamic) as first_token:
+        for n, ids_BN in ids_by_len.items():
+            say = progress.scoped(f"{system.name:>16} N={common.length_label(n)}")
+            before = _counts()
+            row = {"system": system.name, "seq_len": n, **measure_or_oom(first_token, ids_BN, args, device, say)}
+            change = _delta(before, _counts())
+            row["new_graphs"] = change.pop("graphs", 0)
+            row["sa_compile_counters"] = change or None
+            ok = isinstance(row["ttft_s"], float)
+            row["compile_s"] = row["first_call_s"] - row["ttft_s"] if ok and row["new_graphs"] else None
+            serving = system.serving(change, row["new_graphs"], 1 + args.warmup + args.repeats, serving)
+            row["sdpa_rewritten"] = _rewrite_label(serving) if system.sparse is not None else None
+            row["density"] = _density(system, n, serving) if ok else None
+            rows.append(row)
+            on_row(row)
     common.free_memory(device)
     return rows
 
@@ -244,7 +198,7 @@ def table(rows: list[dict], summary: dict) -> str:
     return common.markdown_table(headers, body)
 
 
-def plot(path: Path, rows: list[dict], title: str) -> None:
+def plot(path: Path, rows: list[dict], title: str) -> bool:
     systems = list(dict.fromkeys(r["system"] for r in rows))
     lengths = sorted({r["seq_len"] for r in rows})
 
@@ -253,7 +207,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
 
     ticks = {n: common.length_label(n) for n in lengths}
 
-    common.plot_panels(path, [
+    return common.plot_panels(path, [
         {"title": "TTFT", "xlabel": "prompt tokens", "ylabel": "seconds", "series": series("ttft_s"),
          "logx": True, "logy": True, "xticks": ticks},
         {"title": "speedup over eager SDPA", "xlabel": "prompt tokens", "ylabel": "eager TTFT / TTFT",
@@ -274,8 +228,8 @@ def parse_args(argv=None):
     p.add_argument("--lengths", help=f"comma list, 4k style allowed (tiny: {TINY_LENGTHS}; 8B: {LLAMA_LENGTHS})")
     p.add_argument("--systems", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    help="subset of: eager, inductor, sa_compile, sa_compile@<density>, sa_compile+heads "
-                        "(per-input head budgets), sa_compile+table "
-                        "(default: all)")
+                        "(per-input head budgets), sa_compile+table, and through generate(): eager_generate, "
+                        "generate (model.compile), hf_attention (attn_implementation) (default: all)")
     p.add_argument("--densities", type=common.parse_floats, default=[0.05],
                    help="extra sa_compile densities, each run as sa_compile@<d> (default 0.05)")
     p.add_argument("--block-size", type=int, help="sa_compile block size (tiny on CPU: 32; else SparseConfig default)")
@@ -418,9 +372,9 @@ def main(argv=None) -> None:
         common.write_json(args.out / f"{name}.json", record)
         (args.out / f"{name}.partial.json").unlink(missing_ok=True)
         where = record["environment"]["device"] + (f" x{args.tp}, tensor parallel" if args.tp else "")
-        plot(args.out / f"{name}.png", rows, f"{args.model} prefill TTFT on {where}")
+        plotted = plot(args.out / f"{name}.png", rows, f"{args.model} prefill TTFT on {where}")
         print_report(record)
-        progress(f"wrote {args.out / name}.json and .png")
+        progress(f"wrote {args.out / name}.json" + (" and .png" if plotted else ""))
     if group is not None:
         parallel.finish()
 

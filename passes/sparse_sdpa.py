@@ -7,14 +7,13 @@ or left exactly as it was; both outcomes are counted in
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 from torch._dynamo.utils import counters
 from torch.fx import GraphModule, Node
 
-from sa_compile._log import log, log_once
+from sa_compile._log import count_skip, log
 from sa_compile.config import SparseConfig
 from sa_compile.patterns import PatternTable, load_table
 from sa_compile.sparse_op import rewritten_sdpa
@@ -38,7 +37,8 @@ class _Plan:
     scale: object
 
 
-def _shape_reason(q, k, v) -> str | None:
+def shape_reason(q, k, v) -> str | None:
+    """Why query, key and value of one attention call cannot take the sparse op, or None."""
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
         return "inputs are not 4-D tensors"
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _SUPPORTED_DTYPES:
@@ -81,7 +81,7 @@ def plan_rewrite(gm: GraphModule, node: Node, config: SparseConfig, on_cpu: bool
     if not (isinstance(call.dropout_p, (int, float)) and call.dropout_p == 0):
         return "dropout is not zero"
     q, k, v = (example_value(n) for n in (call.query, call.key, call.value))
-    reason = _shape_reason(q, k, v)
+    reason = shape_reason(q, k, v)
     if reason:
         return reason
     if any(t.requires_grad for t in (q, k, v)):
@@ -148,12 +148,6 @@ def _rewrite(gm: GraphModule, node: Node, plan: _Plan, config: SparseConfig, hea
     _erase_dead(gm.graph, old_inputs)
 
 
-def _count_skip(reason: str) -> None:
-    counters["sa_compile"]["skipped"] += 1
-    counters["sa_compile"][f"skipped: {reason}"] += 1
-    log_once(logging.WARNING, "sa_compile: SDPA left dense: %s", reason)
-
-
 def _check_table(table: PatternTable, nodes: list[Node], config: SparseConfig) -> None:
     """The table must describe this graph: one row per SDPA node (layers in graph order), and
     per node the same query heads, key/value heads and head dim."""
@@ -196,7 +190,7 @@ def sparse_sdpa_pass(gm: GraphModule, example_inputs, *, config: SparseConfig) -
     for layer, node in enumerate(nodes):
         plan = plan_rewrite(gm, node, config, on_cpu)
         if isinstance(plan, str):
-            _count_skip(plan)
+            count_skip(plan)
             continue
         _rewrite(gm, node, plan, config, None if table is None else table.layer_fields(layer), on_cpu)
         rewritten += 1

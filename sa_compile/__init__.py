@@ -1,7 +1,8 @@
 """sa_compile: dynamic per-head sparse attention for long-context prefill, as a torch.compile backend.
 
-    model = torch.compile(model, backend=sa_compile.backend)
-    model = torch.compile(model, backend=sa_compile.make_backend(sa_compile.SparseConfig(density=0.05)))
+    model.compile(backend=sa_compile.backend)                    # then model(...) or model.generate(...)
+    model.compile(backend=sa_compile.make_backend(sa_compile.SparseConfig(density=0.05)))
+    sa_compile.register()                                        # or: attn_implementation="sa_compile"
 
 Names load on first use, so importing the package does no work.
 """
@@ -16,6 +17,7 @@ _EXPORTS = {
     "make_backend": "sa_compile.compile_backend",
     "PatternKind": "sa_compile.config",
     "PatternTable": "sa_compile.patterns",
+    "register": "sa_compile.hf_attention",
     "SparseConfig": "sa_compile.config",
     "sparse_attention": "sa_compile.sparse_op",
     "tensor_parallel": "sa_compile.distributed",

@@ -56,7 +56,8 @@ class SparseConfig:
             mass concentrates as prompts grow, and this keeps the kernel's cost per query
             constant. ``None`` keeps ``density`` at every length.
         last_q: how many of the last queries estimate the vertical-slash pattern.
-        pattern: which template scores the blocks (see :class:`PatternKind`).
+        pattern: which template scores the blocks: a :class:`PatternKind` or its value
+            (``"strided_query"``).
         query_stride: ``STRIDED_QUERY`` scores every ``query_stride``-th query of a block
             (a divisor of ``block_size``): smaller is closer to the true mass, and costs more.
         search_head_budgets: share the layer's block budget between its heads by estimated
@@ -106,8 +107,11 @@ class SparseConfig:
         _check(not (self.patterns and self.search_head_budgets),
                "search_head_budgets", self.search_head_budgets,
                "False when patterns is set (the table already gives each head its budget)")
-        _check(isinstance(self.pattern, PatternKind),
-               "pattern", self.pattern, f"a PatternKind ({[k.name for k in PatternKind]})")
+        if isinstance(self.pattern, str):  # as users write it: pattern="block_query"
+            kind = {k.value: k for k in PatternKind}.get(self.pattern.lower(), self.pattern)
+            object.__setattr__(self, "pattern", kind)
+        _check(isinstance(self.pattern, PatternKind), "pattern", self.pattern,
+               f"a PatternKind or one of {[k.value for k in PatternKind]}")
 
     def density_at(self, num_blocks_) -> float:
         """The fraction of the causal block grid budgeted at ``num_blocks_`` blocks per side."""

@@ -9,7 +9,7 @@ from sa_compile import PatternKind, SparseConfig
     "field, value",
     [
         ("density", 0.0), ("density", 1.5), ("density", "0.1"), ("block_size", 100), ("block_size", 8),
-        ("min_seq_len", -1), ("min_seq_len", 1.5), ("last_q", 0), ("last_q", 10_000), ("pattern", "auto"),
+        ("min_seq_len", -1), ("min_seq_len", 1.5), ("last_q", 0), ("last_q", 10_000), ("pattern", "diagonal"), ("pattern", 3),
         ("search_head_budgets", 1), ("taper_from", 64), ("taper_from", 4096.0), ("patterns", ""),
         ("patterns", 3), ("query_stride", 3), ("query_stride", 0), ("query_stride", 256),
     ],
@@ -17,6 +17,18 @@ from sa_compile import PatternKind, SparseConfig
 def test_bad_values_raise_value_error_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"SparseConfig.{field}="):
         SparseConfig(**{field: value})
+
+
+@pytest.mark.parametrize("kind", list(PatternKind))
+def test_pattern_accepts_a_kinds_value_as_users_write_it(kind):
+    assert SparseConfig(pattern=kind.value).pattern is kind
+    assert SparseConfig(pattern=kind.value.upper()) == SparseConfig(pattern=kind)
+
+
+def test_unknown_pattern_names_the_valid_ones():
+    with pytest.raises(ValueError, match="SparseConfig.pattern='diagonal'") as info:
+        SparseConfig(pattern="diagonal")
+    assert all(repr(kind.value) in str(info.value) for kind in PatternKind)
 
 
 def test_defaults_and_description():

@@ -97,7 +97,9 @@ def test_batch_with_real_padding_is_correct():
     torch.testing.assert_close(actual[real], expected[real], **LOGIT_TOL)
 
 
-def test_cached_prefill_and_generate_after_a_sparse_prefill():
+def test_cached_prefill_after_a_sparse_prefill():
+    """A prefill into a KV cache; generate() itself is tested in test_generate.py (torch.compile(model).generate
+    would not reach the backend)."""
     model = tiny_llama()
     ids = _ids(1, 70)
     compiled = _compile(model, FULL)
@@ -106,11 +108,7 @@ def test_cached_prefill_and_generate_after_a_sparse_prefill():
         first = compiled(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         assert counters["sa_compile"]["rewritten"] == 2
         torch.testing.assert_close(first, model(ids).logits[:, -1:], **LOGIT_TOL)
-        expected = model.generate(ids, max_new_tokens=6, do_sample=False)
-        generated = torch.compile(model, backend=sa_compile.make_backend(FULL)).generate(
-            ids, max_new_tokens=6, do_sample=False
-        )
-    assert torch.equal(generated, expected)
+    assert cache.get_seq_length() == 70
 
 
 def test_min_seq_len_guards_a_dynamic_graph():

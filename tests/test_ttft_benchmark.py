@@ -1,0 +1,38 @@
+"""The TTFT benchmark's generate() systems, and its results without matplotlib."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _common as common  # noqa: E402
+import compile_ttft  # noqa: E402
+
+
+def test_generate_systems_run_leave_the_model_as_found_and_write_results_without_matplotlib(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    # Order matters: a system that left the model compiled or on sa_compile attention would
+    # show up in the rows after it. A min_seq_len past the prompt keeps every compile dense.
+    compile_ttft.main(["--systems", "generate,hf_attention,eager_generate,eager", "--lengths", "64",
+                       "--min-seq-len", "4096", "--repeats", "3", "--warmup", "0", "--warm-caches",
+                       "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert "| hf_attention | 64 |" in out and "| generate | 64 |" in out
+    assert "matplotlib is not installed" in err and "pip install" in err
+    assert not (tmp_path / "ttft_tiny.png").exists()
+    rows = {row["system"]: row for row in json.loads((tmp_path / "ttft_tiny.json").read_text())["rows"]}
+    assert rows["generate"]["new_graphs"] >= 1 and rows["generate"]["sdpa_rewritten"] == "0/2"
+    # The attention implementation counts every call; the label is per prefill.
+    assert rows["hf_attention"]["sdpa_rewritten"] == "0/2" and rows["hf_attention"]["new_graphs"] == 0
+    assert rows["hf_attention"]["sa_compile_counters"]["skipped: prompt shorter than min_seq_len"] == 2 * 4
+    for later in ("eager_generate", "eager"):
+        assert rows[later]["new_graphs"] == 0 and rows[later]["sa_compile_counters"] is None
+    for row in rows.values():  # dense everywhere: the first token's logits agree
+        assert isinstance(row["ttft_s"], float) and row["max_abs_logit_diff_vs_eager"] < 1e-4
+
+
+def test_plot_panels_says_what_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert common.plot_panels(tmp_path / "p.png", [], "title") is False
+    assert "pip install matplotlib" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
