@@ -51,6 +51,18 @@ def normalize_causal_rows(scores_BHQK: torch.Tensor) -> torch.Tensor:
     return scores_BHQK / scores_BHQK.sum(-1, keepdim=True).clamp(min=1e-30)
 
 
+def planted_retrieval(keys: slice, strength: float, num_tokens: int = 512, head_dim: int = 32):
+    """A demo input ``q, k`` (``[1, 1, N, D]``): small random vectors, where the last quarter of
+    the queries shares a topic with the keys ``keys`` (added ``strength`` times), which they retrieve."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, num_tokens, head_dim) * 0.3
+    k = torch.randn(1, 1, num_tokens, head_dim) * 0.3
+    topic = torch.randn(head_dim)
+    q[..., 3 * num_tokens // 4:, :] += topic
+    k[..., keys, :] += strength * topic
+    return q, k
+
+
 def draw(scores_QK: torch.Tensor) -> str:
     """Render one head's block scores as text, each row scaled to its own peak."""
     shades = " .:-=+*#%@"

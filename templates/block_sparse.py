@@ -29,17 +29,12 @@ def pooled_block_scores(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size: 
 
 
 def _demo() -> None:
-    from ._blocks import draw
+    from ._blocks import draw, planted_retrieval
 
-    torch.manual_seed(0)
-    N, D, bs = 512, 32, 32
-    q = torch.randn(1, 1, N, D) * 0.3
-    k = torch.randn(1, 1, N, D) * 0.3
-    topic = torch.randn(D)
-    q[..., 384:, :] += topic  # the last quarter of the queries ...
-    k[..., 128:192, :] += topic  # ... retrieves one span of keys
+    D, bs = 32, 32
+    q, k = planted_retrieval(slice(128, 192), 1.0)
     scores = pooled_block_scores(q, k, bs, D**-0.5)[0, 0]
-    print(f"block-sparse (pooled) scores, N={N}, block={bs} (queries from 384 retrieve keys 128-191):")
+    print(f"block-sparse (pooled) scores, N=512, block={bs} (queries from 384 retrieve keys 128-191):")
     print(draw(scores))
 
 

@@ -97,17 +97,12 @@ def strided_query_scores(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size:
 
 
 def _demo() -> None:
-    from ._blocks import draw
+    from ._blocks import draw, planted_retrieval
 
-    torch.manual_seed(0)
-    N, D, bs = 512, 32, 32
-    q = torch.randn(1, 1, N, D) * 0.3
-    k = torch.randn(1, 1, N, D) * 0.3
-    topic = torch.randn(D)
-    q[..., 384:, :] += topic  # the last quarter of the queries ...
-    k[..., 150:154, :] += 2 * topic  # ... retrieves four keys inside one block
+    D, bs = 32, 32
+    q, k = planted_retrieval(slice(150, 154), 2.0)
     scores = strided_query_scores(q, k, bs, 8, D**-0.5)[0, 0]
-    print(f"strided-query scores (stride 8), N={N}, block={bs} (queries from 384 retrieve keys 150-153):")
+    print(f"strided-query scores (stride 8), N=512, block={bs} (queries from 384 retrieve keys 150-153):")
     print(draw(scores))
 
 
