@@ -95,9 +95,11 @@ class SparseConfig:
                "taper_from", self.taper_from, "None or an integer >= block_size")
         _check(_is_int(self.last_q) and 1 <= self.last_q <= 4096,
                "last_q", self.last_q, "an integer in [1, 4096]")
+        # No f-string of the fields here: configs are also built while Dynamo traces
+        # (dataclasses.replace), where an int field can be symbolic and would break the graph.
         _check(_is_int(self.query_stride) and 1 <= self.query_stride <= self.block_size
                and self.block_size % self.query_stride == 0,
-               "query_stride", self.query_stride, f"a divisor of block_size={self.block_size}")
+               "query_stride", self.query_stride, "a divisor of block_size")
         _check(isinstance(self.search_head_budgets, bool),
                "search_head_budgets", self.search_head_budgets, "True or False")
         if isinstance(self.patterns, os.PathLike):
