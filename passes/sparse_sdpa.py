@@ -197,7 +197,7 @@ def sparse_sdpa_pass(gm: GraphModule, example_inputs, *, config: SparseConfig) -
         counters["sa_compile"]["rewritten"] += 1
     nested = _nested_sdpa_nodes(gm)
     for _ in nested:
-        _count_skip("inside a higher-order op subgraph (activation checkpointing, cond, ...)")
+        count_skip("inside a higher-order op subgraph (activation checkpointing, cond, ...)")
     gm.recompile()
     total = len(nodes) + len(nested)
     log.info("sa_compile: rewrote %d of %d SDPA nodes; skipped %d", rewritten, total, total - rewritten)
