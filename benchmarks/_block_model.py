@@ -33,8 +33,7 @@ from _recall import oracle_keep, selection_block_mask, true_block_mass
 from torch.nn.attention.flex_attention import flex_attention
 
 from sa_compile import SparseConfig
-from sa_compile.selection import causal_block_count
-from sa_compile.selection import blocks_per_row, row_counts
+from sa_compile.selection import blocks_per_row, causal_block_count, row_counts
 from sa_compile.sparse_op import select_kept_blocks
 
 _NAME = "sa_compile_blocks"
