@@ -24,11 +24,14 @@ import json
 import os
 from dataclasses import dataclass
 
+from .config import PatternKind
+
 FORMAT = "sa_compile.patterns"
 VERSION = 1
-# Cheapest search first: calibration breaks ties in this order. ``auto`` is both estimates,
-# each block keeping the stronger (PatternKind.AUTO).
-KINDS = ("local", "vertical_slash", "block_sparse", "auto")
+# The PatternKind values a table may hold: the kinds calibration chooses between, cheapest
+# search first, so it breaks ties in this order.
+KINDS = tuple(kind.value for kind in (PatternKind.LOCAL, PatternKind.VERTICAL_SLASH, PatternKind.BLOCK_SPARSE,
+                                      PatternKind.AUTO))
 _BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 

@@ -2,7 +2,7 @@
 
 Data path for one call, all inside the compiled graph::
 
-    q, k ──> templates (vertical-slash from the last queries, pooled block scores)
+    q, k ──> templates (estimates.py; by default sampled queries against every key)
          ──> block scores [B, H, nb, nb] ──> ranked blocks and a budgeted count per row (selection.py)
          ──> BlockMask.from_kv_blocks (diagonal partial, the rest full) ──> FlexAttention
 """
@@ -10,55 +10,33 @@ Data path for one call, all inside the compiled graph::
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
-from sa_compile.templates.block_query import block_query_scores
-from sa_compile.templates.block_sparse import pooled_block_scores
-from sa_compile.templates.local import local_block_scores
-from sa_compile.templates.strided_query import strided_query_scores
-from sa_compile.templates.vertical_slash import last_q_attention, vertical_slash_block_scores
-
 from .config import PatternKind, SparseConfig
+from .estimates import kind_scores
 from .flex import causal_mask_mod, causal_valid_mask_mod, flex_attention_traced
-from .patterns import KINDS
 from .selection import diagonal_only, keep_mask, select_block_lists, select_head_block_lists, tapered_density
 
 
 def estimate_block_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None):
-    """Row-normalized block scores ``[B, H_q, nb, nb]`` from the configured template(s)."""
-    if config.pattern is PatternKind.LOCAL:
-        nb = -(-q_BHND.shape[-2] // config.block_size)
-        return local_block_scores(nb, q_BHND.device).expand(*q_BHND.shape[:2], nb, nb)
-    if config.pattern is PatternKind.BLOCK_QUERY:
-        return block_query_scores(q_BHND, k_BGND, config.block_size, scale)
-    if config.pattern is PatternKind.STRIDED_QUERY:
-        return strided_query_scores(q_BHND, k_BGND, config.block_size, config.query_stride, scale, kv_valid_BN)
-    scores = []
-    if config.pattern in (PatternKind.VERTICAL_SLASH, PatternKind.AUTO):
-        attn_BHLN = last_q_attention(q_BHND, k_BGND, config.last_q, scale, kv_valid_BN)
-        scores.append(vertical_slash_block_scores(attn_BHLN, config.block_size, q_BHND, k_BGND, scale))
-    if config.pattern in (PatternKind.BLOCK_SPARSE, PatternKind.AUTO):
-        scores.append(pooled_block_scores(q_BHND, k_BGND, config.block_size, scale))
-    return scores[0] if len(scores) == 1 else torch.maximum(scores[0], scores[1])
+    """Row-normalized block scores ``[B, H_q, nb, nb]`` from the configured template(s)
+    (:data:`sa_compile.estimates.TEMPLATES`)."""
+    return kind_scores([config.pattern], q_BHND, k_BGND, config, scale, kv_valid_BN)[config.pattern]
 
 
 def head_kind_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN, head_kinds) -> torch.Tensor:
     """Block scores ``[B, H, nb, nb]`` where head ``h`` is scored by the template ``head_kinds[h]``.
 
-    Only the templates some head needs are computed (``auto`` reuses the other two); a
-    ``[H]`` kind index picks each head's scores with ``torch.where``, one select per kind
-    present, never a loop over heads."""
-    present = [kind for kind in KINDS if kind in head_kinds]
-    needed = set(present) | ({"vertical_slash", "block_sparse"} if "auto" in present else set())
-    scores = {kind: estimate_block_scores(q_BHND, k_BGND, replace(config, pattern=PatternKind(kind)), scale,
-                                          kv_valid_BN) for kind in KINDS[:3] if kind in needed}
-    if "auto" in present:
-        scores["auto"] = torch.maximum(scores["vertical_slash"], scores["block_sparse"])
-    kind_H11 = torch.tensor([present.index(kind) for kind in head_kinds], device=q_BHND.device)[:, None, None]
+    Only the templates some head needs are computed, each once (``auto`` reuses the other
+    two); a ``[H]`` kind index picks each head's scores with ``torch.where``, one select per
+    kind present, never a loop over heads."""
+    present = list(dict.fromkeys(PatternKind(kind) for kind in head_kinds))
+    scores = kind_scores(present, q_BHND, k_BGND, config, scale, kv_valid_BN)
+    kind_H11 = torch.tensor([present.index(PatternKind(kind)) for kind in head_kinds],
+                            device=q_BHND.device)[:, None, None]
     scores_BHQK = scores[present[-1]]
     for index in range(len(present) - 2, -1, -1):
         scores_BHQK = torch.where(kind_H11 == index, scores[present[index]], scores_BHQK)

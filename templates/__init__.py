@@ -3,7 +3,11 @@
 Every template returns scores shaped ``[B, H_q, num_blocks, num_blocks]``, zero above the
 block diagonal, each causal row summing to one, so templates can be compared and combined.
 
+- :mod:`sa_compile.templates.strided_query`: sampled real queries against every key (the default).
 - :mod:`sa_compile.templates.vertical_slash`: column and diagonal mass of the last queries.
 - :mod:`sa_compile.templates.block_sparse`: block-pooled queries against block-pooled keys.
 - :mod:`sa_compile.templates.block_query`: block-mean queries against every key.
+- :mod:`sa_compile.templates.local`: no estimate, the sink and the nearest diagonals.
+
+:mod:`sa_compile.estimates` maps each :class:`~sa_compile.config.PatternKind` to its template.
 """
