@@ -10,16 +10,16 @@ the selection it is compared with: no selection of those counts keeps more.
     recall_BH = block_recall(mass_BHQK, keep_BHQK)
     best_BH = block_recall(mass_BHQK, oracle_keep(mass_BHQK, keep_BHQK.sum(-1)))
 
-Never N x N: the mass is built one chunk of query rows at a time, and only ``[B, H, nb, nb]``
+Never N x N: the mass is built one chunk of query blocks at a time, and only ``[B, H, nb, nb]``
 tensors are kept.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
+from sa_compile import block_mass
 from sa_compile.flex import causal_mask_mod
 
 
@@ -29,49 +29,12 @@ def _compact(mask_BHQK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask_BHQK.sum(-1, dtype=torch.int32), order.to(torch.int32)
 
 
-def _chunk_rows(batch: int, heads: int, seq_len: int, block_size: int, chunk_bytes: int) -> int:
-    """Query rows per chunk: a multiple of the block whose float32 logits fit ``chunk_bytes``."""
-    rows = chunk_bytes // (4 * batch * heads * seq_len)
-    return max(block_size, rows // block_size * block_size)
-
-
-def _chunk_block_mass(q_BHCD, k_BGND, start: int, block_size: int, scale: float) -> torch.Tensor:
-    """Block mass ``[B, H, C / block, nb_visible]`` of query rows ``start .. start + C``."""
-    B, H, C, D = q_BHCD.shape
-    G = k_BGND.shape[1]
-    end = start + C
-    k_BGMD = k_BGND[:, :, :end].float()  # keys past the chunk's last query are all masked
-    logits = torch.matmul(q_BHCD.float().reshape(B, G, (H // G) * C, D), k_BGMD.transpose(-1, -2))
-    logits_BHCM = logits.view(B, H, C, end) * scale
-    q_pos_C = torch.arange(start, end, device=q_BHCD.device)
-    hidden_CM = torch.arange(end, device=q_BHCD.device)[None, :] > q_pos_C[:, None]
-    probs_BHCM = torch.softmax(logits_BHCM.masked_fill(hidden_CM, float("-inf")), dim=-1)
-    nbk = -(-end // block_size)
-    per_key_block = F.pad(probs_BHCM, (0, nbk * block_size - end)).unflatten(-1, (nbk, block_size)).sum(-1)
-    nbq = -(-C // block_size)
-    per_key_block = F.pad(per_key_block, (0, 0, 0, nbq * block_size - C))
-    return per_key_block.unflatten(-2, (nbq, block_size)).sum(-2)
-
-
 def true_block_mass(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size: int, scale: float,
                     chunk_bytes: int = 2**30) -> torch.Tensor:
-    """Dense causal attention mass per block, ``[B, H_q, nb, nb]`` float32, summed over the
-    block's queries (so each row sums to its number of queries).
-
-    GQA: query head ``h`` reads key head ``h // (H_q // H_kv)``. Works one chunk of query
-    rows at a time (a Python loop: this is a measurement, not the hot path); ``chunk_bytes``
-    bounds each chunk's float32 logits.
-    """
-    B, H, N, _ = q_BHND.shape
-    nb = -(-N // block_size)
-    mass_BHQK = torch.zeros(B, H, nb, nb, device=q_BHND.device, dtype=torch.float32)
-    rows = _chunk_rows(B, H, N, block_size, chunk_bytes)
-    for start in range(0, N, rows):
-        q_BHCD = q_BHND[:, :, start : start + rows]
-        chunk = _chunk_block_mass(q_BHCD, k_BGND, start, block_size, scale)
-        qb = start // block_size
-        mass_BHQK[:, :, qb : qb + chunk.shape[-2], : chunk.shape[-1]] = chunk
-    return mass_BHQK
+    """:func:`sa_compile.block_mass.true_block_mass` with larger chunks by default (fewer
+    launches at 64K on a GPU): ``[B, H_q, nb, nb]`` float32, each row summing to its number of
+    queries."""
+    return block_mass.true_block_mass(q_BHND, k_BGND, block_size, scale, chunk_bytes)
 
 
 def block_recall(mass_BHQK: torch.Tensor, keep_BHQK: torch.Tensor) -> torch.Tensor:
