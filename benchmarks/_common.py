@@ -89,6 +89,32 @@ def parse_floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def _int_or_none(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+_OVERRIDES = {"query_stride": int, "taper_from": _int_or_none}
+
+
+def parse_overrides(items) -> dict:
+    """``["query_stride=8", "taper_from=none"]`` -> ``SparseConfig`` field overrides.
+
+    The fields a selection spec may set beside its density, as in ``strided_query:0.3:query_stride=8``
+    (fidelity) or ``sa_compile@0.3:taper_from=65536`` (TTFT systems)."""
+    overrides = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep or field not in _OVERRIDES:
+            raise ValueError(f"bad override {item!r}: use field=value with field one of {', '.join(_OVERRIDES)}")
+        overrides[field] = _OVERRIDES[field](value)
+    return overrides
+
+
+def overrides_label(overrides: dict) -> str:
+    """``{"query_stride": 8}`` -> ``":query_stride=8"`` (empty for none), the spec's own spelling."""
+    return "".join(f":{k}={'none' if v is None else v}" for k, v in sorted(overrides.items()))
+
+
 def length_label(n: int) -> str:
     return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import sa_compile
+from _common import overrides_label, parse_overrides
 
 BASE_SYSTEMS = ("eager", "inductor", "sa_compile")
 GENERATE_SYSTEMS = ("eager_generate", "generate", "hf_attention")
@@ -129,8 +130,10 @@ def _system(name: str, args, base: sa_compile.SparseConfig) -> System:
         if args.patterns is None:
             raise SystemExit("system sa_compile+table needs --patterns FILE or --calibrate N")
         return System(name, replace(base, patterns=str(args.patterns)))
-    if name.startswith("sa_compile@"):
-        density = float(name.split("@", 1)[1])
-        return System(f"sa_compile@{density:g}", replace(base, density=density))
+    if name.startswith("sa_compile@"):  # sa_compile@0.3 or sa_compile@0.3:query_stride=8
+        density, *overrides = name.split("@", 1)[1].split(":")
+        fields = parse_overrides(overrides)
+        return System(f"sa_compile@{float(density):g}{overrides_label(fields)}",
+                      replace(base, density=float(density), **fields))
     raise SystemExit(f"unknown system {name!r}: use eager, inductor, sa_compile, sa_compile@<density>, "
-                     f"sa_compile+heads, sa_compile+table, {', '.join(GENERATE_SYSTEMS)}")
+                     f"sa_compile@<density>:query_stride=8 (or :taper_from=N|none), sa_compile+heads, sa_compile+table, {', '.join(GENERATE_SYSTEMS)}")

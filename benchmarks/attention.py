@@ -189,8 +189,7 @@ def run_length(n: int, args, shape: dict, device, progress) -> list[dict]:
         say = progress.scoped(f"N={label} {method}")
         say("first call (compiles if needed)")
         row = {"seq_len": n, "method": method, "is_baseline": baseline, "target_density": density,
-               "realized_density": realized_density(n, SparseConfig(density=density, block_size=bs, min_seq_len=0, taper_from=None))
-               if density is not None else 1.0}
+               "realized_density": realized_density(n, layer_config(args, density)) if density is not None else 1.0}
         row, out = timed(row, fn, args, device, say)
         if output and out is not None and ref is not None:
             row["rel_err_vs_sdpa"] = rel_error(out, ref)
@@ -204,7 +203,7 @@ def run_length(n: int, args, shape: dict, device, progress) -> list[dict]:
     dense_mask = causal_block_mask(n, bs, device)
     run("flex dense", lambda: kernel(q, k, v, dense_mask))
     for d in args.densities:
-        config = SparseConfig(density=d, block_size=bs, min_seq_len=0, taper_from=None)
+        config = layer_config(args, d)
         search = sparse_search(config, device)
         tensors = run(f"sparse search d={d:g}", lambda: search(q, k), d, output=False)
         if tensors is not None:
@@ -263,10 +262,18 @@ def parse_args(argv=None):
                                      f"CPU: {CPU_SHAPE['lengths']})")
     p.add_argument("--densities", type=common.parse_floats, default=[0.02, 0.05, 0.1, 0.2])
     p.add_argument("--block-size", type=int, help="sparse block size (CUDA: 128, CPU: 32)")
+    p.add_argument("--query-stride", type=int, default=SparseConfig.query_stride,
+                   help="strided-query template's stride (SparseConfig.query_stride)")
     common.add_run_arguments(p, repeats=5, warmup=2)
     args = p.parse_args(argv)
     common.check_run_arguments(p, args)
     return args, resolve_shape(args)
+
+
+def layer_config(args, density: float) -> SparseConfig:
+    """The swept config at ``density``: sparse at every length, no taper."""
+    return SparseConfig(density=density, block_size=args.block_size, min_seq_len=0, taper_from=None,
+                        query_stride=args.query_stride)
 
 
 def resolve_shape(args) -> dict:
@@ -303,7 +310,7 @@ def main(argv=None) -> None:
         "timing": {"repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
                    "clock": "cuda events" if device.type == "cuda" else "perf_counter",
                    "compile": "torch.compile(fullgraph=True, dynamic=True); compile_s where a length compiled"},
-        "sparse_configs": {f"{d:g}": SparseConfig(density=d, block_size=args.block_size, min_seq_len=0, taper_from=None).describe()
+        "sparse_configs": {f"{d:g}": layer_config(args, d).describe()
                            for d in args.densities},
         "rows": rows,
     }

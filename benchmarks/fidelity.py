@@ -132,25 +132,44 @@ def dense_reference(args, model, tokenizer, text_ids, n: int, device, say) -> di
 
 def selections(args) -> list[SparseConfig]:
     """``--configs``, else every pattern x density asked for; sparse path forced on."""
-    pairs = args.configs or list(itertools.product(args.patterns, args.densities))
-    return [SparseConfig(density=density, block_size=args.block_size, min_seq_len=0, pattern=pattern,
-                         query_stride=args.query_stride, taper_from=args.taper_from,
-                         search_head_budgets=args.search_head_budgets)
-            for pattern, density in pairs]
+    specs = args.configs or [(pattern, density, {}) for pattern, density in itertools.product(args.patterns,
+                                                                                              args.densities)]
+    base = {"block_size": args.block_size, "min_seq_len": 0, "query_stride": args.query_stride,
+            "taper_from": args.taper_from, "search_head_budgets": args.search_head_budgets}
+    return [SparseConfig(**(base | {"pattern": pattern, "density": density} | overrides))
+            for pattern, density, overrides in specs]
 
 
-def parse_configs(text: str) -> list[tuple[PatternKind, float]]:
-    """``"strided_query:0.3,auto:0.1"`` -> (pattern, density) pairs."""
-    pairs = []
+def parse_configs(text: str) -> list[tuple[PatternKind, float, dict]]:
+    """``"strided_query:0.3,strided_query:0.2:query_stride=8"`` -> (pattern, density, overrides)."""
+    specs = []
     for item in text.split(","):
-        pattern, density = item.strip().split(":")
-        pairs.append((PatternKind(pattern), float(density)))
-    return pairs
+        pattern, density, *overrides = item.strip().split(":")
+        specs.append((PatternKind(pattern), float(density), common.parse_overrides(overrides)))
+    return specs
+
+
+def spec_of(cfg: SparseConfig, args) -> tuple:
+    """``cfg`` as ``parse_configs`` spells it, its overrides relative to the command line's."""
+    overrides = {field: getattr(cfg, field) for field in ("query_stride", "taper_from")
+                 if getattr(cfg, field) != getattr(args, field)}
+    return cfg.pattern, cfg.density, overrides
+
+
+def label(cfg: SparseConfig, args) -> str:
+    pattern, density, overrides = spec_of(cfg, args)
+    return f"{pattern.value}:{density:g}{common.overrides_label(overrides)}"
 
 
 def wants_passkeys(args, cfg: SparseConfig) -> bool:
     chosen = args.passkey_configs
-    return args.passkeys > 0 and (chosen is None or (cfg.pattern, cfg.density) in chosen)
+    return args.passkeys > 0 and (chosen is None or spec_of(cfg, args) in chosen)
+
+
+def same_blocks(cfg: SparseConfig, n: int) -> tuple:
+    """What decides the kept blocks at length ``n``: two configs equal here give the same run."""
+    nb = -(-n // cfg.block_size)
+    return (cfg.pattern, cfg.density_at(nb), cfg.query_stride, cfg.block_size, cfg.search_head_budgets)
 
 
 @contextlib.contextmanager
@@ -220,9 +239,16 @@ def evaluate(args, tokenizer, text_ids, device, progress) -> list[dict]:
         model = smollm2.load_model(device, args.dtype, factor)
         for n in group:
             ref = dense_reference(args, model, tokenizer, text_ids, n, device, progress.scoped(f"dense N={n}"))
+            seen = set()
             for cfg in selections(args):
-                say = progress.scoped(f"{cfg.pattern.value} d={cfg.density} N={n}")
-                rows.append(evaluate_config(args, model, tokenizer, text_ids, ref, cfg, n, device, say))
+                if same_blocks(cfg, n) in seen:  # an untapered twin below taper_from, say
+                    progress(f"N={n}: {label(cfg, args)} keeps the blocks of a config run above; skipped")
+                    continue
+                seen.add(same_blocks(cfg, n))
+                say = progress.scoped(f"{label(cfg, args)} N={n}")
+                pattern, _, overrides = spec_of(cfg, args)
+                rows.append(evaluate_config(args, model, tokenizer, text_ids, ref, cfg, n, device, say)
+                            | {"config": label(cfg, args), "family": pattern.value + common.overrides_label(overrides)})
             del ref
         del model
         common.free_memory(device)
@@ -245,9 +271,9 @@ def table(rows: list[dict]) -> str:
         return result["oracle"][key] if "oracle" in result else None
 
     return common.markdown_table(
-        ["N", "YaRN", "pattern", "density", "computed", "ppl change", "top-1 agree", "KL",
+        ["N", "YaRN", "config", "computed", "ppl change", "top-1 agree", "KL",
          "oracle ppl change", "oracle top-1", "oracle KL", "recall / oracle", "passkey", "dense passkey"],
-        [[r["seq_len"], r["yarn_factor"], r["pattern"], r["density"],
+        [[r["seq_len"], r["yarn_factor"], r.get("config", f"{r['pattern']}:{r['density']:g}"),
           r["computed_fraction"] if r["computed_fraction"] is not None else r["budget_fraction"], r["ppl_change"],
           r["top1_agreement"], r["kl"], oracle(r, "ppl_change"), oracle(r, "top1_agreement"), oracle(r, "kl"),
           f"{r['recall']['mean']:.3f} / {r['oracle_recall']['mean']:.3f}", hits(r.get("passkey")),
@@ -258,8 +284,10 @@ def table(rows: list[dict]) -> str:
 def plot(rows: list[dict], path: Path) -> None:
     """KL against the computed fraction, per length and pattern: the search (solid) and the oracle (dashed)."""
     series = {}
-    for (n, pattern), group in itertools.groupby(sorted(rows, key=lambda r: (r["seq_len"], r["pattern"])),
-                                                  key=lambda r: (r["seq_len"], r["pattern"])):
+    def family(r):  # the config without its density: one curve
+        return r["seq_len"], r.get("family", r["pattern"])
+
+    for (n, pattern), group in itertools.groupby(sorted(rows, key=family), key=family):
         at = sorted(group, key=lambda r: r["computed_fraction"] or r["budget_fraction"])
         xs = [r["computed_fraction"] or r["budget_fraction"] for r in at]
         series[f"{pattern}, N={n}"] = (xs, [r["kl"] for r in at])
@@ -280,7 +308,8 @@ def parse_args(argv=None):
                    help=f"comma-separated pattern kinds: {', '.join(k.value for k in PatternKind)}")
     p.add_argument("--densities", type=common.parse_floats, default=[0.1, 0.2, 0.3])
     p.add_argument("--configs", type=parse_configs,
-                   help="explicit selections 'pattern:density,...' (instead of the product above)")
+                   help="explicit selections 'pattern:density[:field=value...],...', fields query_stride and "
+                        "taper_from (instead of the product above)")
     p.add_argument("--passkey-configs", type=parse_configs,
                    help="run passkeys only for these selections (same syntax; default: all)")
     p.add_argument("--query-stride", type=int, default=SparseConfig.query_stride)

@@ -160,6 +160,23 @@ def test_yarn_factor_by_length_and_configs_parse():
     assert [fidelity.wants_passkeys(args, c) for c in configs] == [False, True]
 
 
+def test_config_overrides_parse_label_and_twins_below_the_taper():
+    args = fidelity.parse_args(["--configs", "strided_query:0.3,strided_query:0.3:taper_from=none,"
+                                             "strided_query:0.2:query_stride=8",
+                                "--passkey-configs", "strided_query:0.2:query_stride=8", "--device", "cpu"])
+    configs = fidelity.selections(args)
+    assert [(c.density, c.query_stride, c.taper_from) for c in configs] == [(0.3, 16, 32768), (0.3, 16, None),
+                                                                            (0.2, 8, 32768)]
+    assert [fidelity.label(c, args) for c in configs] == [
+        "strided_query:0.3", "strided_query:0.3:taper_from=none", "strided_query:0.2:query_stride=8"]
+    assert [fidelity.wants_passkeys(args, c) for c in configs] == [False, False, True]
+    # Below taper_from the untapered twin keeps the same blocks; past it, fewer are kept.
+    assert fidelity.same_blocks(configs[0], 32768) == fidelity.same_blocks(configs[1], 32768)
+    assert fidelity.same_blocks(configs[0], 65536) != fidelity.same_blocks(configs[1], 65536)
+    with pytest.raises(ValueError, match="query_stride, taper_from"):
+        fidelity.parse_configs("strided_query:0.3:stride=8")
+
+
 @needs_model
 def test_yarn_loader_stretches_the_context():
     model = smollm2.load_model(yarn_factor=4)

