@@ -69,7 +69,10 @@ def rank_blocks(scores_BHQK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                                                  descending=True, stable=True)
     slot_K, row_Q1 = idx, idx[:, None]
     from_free_QK = (slot_K >= 2) & (slot_K <= row_Q1)  # slot s holds the (s - 2)-th free block
-    source_BHQK = (slot_K - 2).clamp(min=0).expand_as(free_order_BHQK)
+    # where, not clamp: Inductor turns a clamp of an index into a sympy Max, which torch 2.11
+    # cannot simplify once the BlockMask's rotation of these lists is fused in (InductorError
+    # "argument '-1 + ((0))' is not comparable" on CUDA under dynamic shapes).
+    source_BHQK = torch.where(slot_K >= 2, slot_K - 2, 0).expand_as(free_order_BHQK)
     forced_QK = torch.where(slot_K == 0, row_Q1, torch.where((slot_K == 1) & (row_Q1 > 0), 0, slot_K))
     order_BHQK = torch.where(from_free_QK, free_order_BHQK.gather(-1, source_BHQK), forced_QK)
     forced_keys_QK = torch.where(slot_K == 0, float("inf"), torch.where(

@@ -102,8 +102,11 @@ def build_block_mask(order_BHQK, count_BHQ, block_size: int, seq_len, kv_valid_B
     count_BHQ = count_BHQ.to(torch.int32)
     if kv_valid_BN is None:
         partial = diagonal_only(B, H, nb, order_BHQK.device)
-        # Row width stays nb: the wrapped-around last column lies past every row's count.
-        full = (count_BHQ - 1, torch.cat([order_BHQK[..., 1:], order_BHQK[..., :1]], dim=-1))
+        # Each list rotated left by one (its diagonal leaves the front). Row width stays nb: the
+        # wrapped-around last column lies past every row's count. A gather, not a cat: a cat's
+        # index wrapper met an index Max in torch 2.11's loop merging and failed to compile.
+        rotate_K = (torch.arange(nb, device=order_BHQK.device) + 1) % nb
+        full = (count_BHQ - 1, order_BHQK[..., rotate_K])
         mask_mod, buffers = causal_mask_mod, ()
     else:
         partial = (count_BHQ, diagonal_last(order_BHQK, count_BHQ))

