@@ -45,7 +45,7 @@ from _models import build_model  # noqa: E402
 from _systems import System, make_systems  # noqa: E402
 
 import sa_compile  # noqa: E402
-from sa_compile.selection import realized_density  # noqa: E402
+from sa_compile.patterns import realized_density  # noqa: E402
 
 TINY_LENGTHS = "256,512,1024"
 LLAMA_LENGTHS = "16k,32k,64k,128k"

@@ -52,7 +52,7 @@ import sa_compile  # noqa: E402
 from sa_compile import PatternKind, SparseConfig  # noqa: E402
 from sa_compile.calibrate import attention_qk  # noqa: E402
 from sa_compile.passes.sparse_sdpa import _MIN_GPU_BLOCK  # noqa: E402
-from sa_compile.selection import realized_density  # noqa: E402
+from sa_compile.patterns import realized_density  # noqa: E402
 from sa_compile.sparse_op import select_kept_blocks  # noqa: E402
 
 

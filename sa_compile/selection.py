@@ -174,26 +174,3 @@ def diagonal_only(batch: int, heads: int, num_blocks_, device) -> tuple[torch.Te
     indices_QK = torch.where(idx[None, :] == 0, idx[:, None], 0)
     counts = torch.ones(batch, heads, num_blocks_, device=device, dtype=torch.int32)
     return counts, indices_QK.expand(batch, heads, num_blocks_, num_blocks_).contiguous()
-
-
-def realized_density(seq_len: int, config) -> float:
-    """Fraction of the causal block grid the sparse path computes at ``seq_len`` tokens.
-
-    Exact, not an estimate: every row keeps ``min(K, qb + 1)`` blocks whatever the input.
-    Returns 1.0 below ``config.min_seq_len``, where attention stays dense. The budget is
-    ``config.density_at(nb)`` (it tapers past ``config.taper_from``). With
-    ``search_head_budgets`` the split between heads depends on the input and this is the
-    uniform split's total, which the searched split never exceeds.
-    With ``config.patterns`` it is the table's total over all its layers and heads
-    (:meth:`PatternTable.computed_fraction`).
-    """
-    if seq_len < config.min_seq_len:
-        return 1.0
-    if config.patterns is not None:
-        from .patterns import load_table
-
-        return load_table(config.patterns).computed_fraction(seq_len)
-    nb = -(-seq_len // config.block_size)
-    k = int(blocks_per_row(nb, config.density_at(nb), "cpu"))
-    return grid_cost(k, nb) / causal_block_count(nb)
-

@@ -14,8 +14,8 @@ from sa_compile import SparseConfig
 from sa_compile.calibrate import (
     Curves, allocate_head_budgets, compare_with_uniform, main, measure_layer, model_shape, table_from_curves,
 )
-from sa_compile.patterns import KINDS, ModelShape, PatternTable
-from sa_compile.selection import blocks_per_row, causal_block_count, grid_cost, realized_density
+from sa_compile.patterns import KINDS, ModelShape, PatternTable, realized_density
+from sa_compile.selection import blocks_per_row, causal_block_count, grid_cost
 from sa_compile.sparse_op import select_kept_blocks, sparse_attention
 
 from .helpers import assert_close, attention_inputs, masked_reference, tiny_llama, token_mask
