@@ -37,6 +37,7 @@ from .selection import blocks_per_row, causal_block_count, grid_cost
 
 _BASELINE = "auto"  # what the uniform baseline uses: the default SparseConfig.pattern
 _TIE = 1e-6  # retained-fraction difference below which kinds count as tied
+_MASS_CHUNK_BYTES = 2**28  # float32 logits per query chunk of the true block mass
 
 
 @dataclass
@@ -58,7 +59,7 @@ def measure_layer(q_BHND, k_BGND, block_size: int, scale: float, last_q: int = 6
     from .sparse_op import estimate_block_scores
 
     config = SparseConfig(block_size=block_size, last_q=last_q, min_seq_len=0)
-    mass_BHQK = true_block_mass(q_BHND, k_BGND, block_size, scale)
+    mass_BHQK = true_block_mass(q_BHND, k_BGND, block_size, scale, _MASS_CHUNK_BYTES)
     kept = [retained_by_budget(mass_BHQK, estimate_block_scores(
         q_BHND, k_BGND, replace(config, pattern=PatternKind(kind)), scale)) for kind in KINDS]
     # Small per-head curves: on the host, where the budget allocation runs.

@@ -1,7 +1,4 @@
-"""The block model (benchmarks/_block_model.py): the oracle's blocks, the search's, its attention, its model hook."""
-
-import sys
-from pathlib import Path
+"""The block model (sa_compile.reference): the oracle's blocks, the search's, its attention, its model hook."""
 
 import pytest
 import torch
@@ -11,13 +8,14 @@ from hypothesis import strategies as st
 
 import sa_compile
 from sa_compile import SparseConfig
+from sa_compile.reference import (
+    block_attention, dense_reference, masked_reference, oracle_block_attention, search_block_attention, search_counts,
+    token_mask,
+)
 from sa_compile.sparse_op import select_kept_blocks
 
-from .helpers import assert_close, attention_inputs, dense_reference, masked_reference, tiny_llama, token_mask
+from .helpers import assert_close, attention_inputs, tiny_llama
 from .test_recall import naive_block_mass
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _block_model import block_attention, oracle_block_attention, search_block_attention, search_counts  # noqa: E402
 
 
 def naive_oracle_keep(mass_BHQK, counts_Q):

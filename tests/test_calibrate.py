@@ -18,7 +18,9 @@ from sa_compile.patterns import KINDS, ModelShape, PatternTable, realized_densit
 from sa_compile.selection import blocks_per_row, causal_block_count, grid_cost
 from sa_compile.sparse_op import select_kept_blocks, sparse_attention
 
-from .helpers import assert_close, attention_inputs, masked_reference, tiny_llama, token_mask
+from sa_compile.reference import masked_reference, token_mask
+
+from .helpers import assert_close, attention_inputs, tiny_llama
 
 N, D, BLOCK = 512, 32, 16
 NB = N // BLOCK

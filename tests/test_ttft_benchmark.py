@@ -2,11 +2,11 @@
 
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import _common as common  # noqa: E402
-import compile_ttft  # noqa: E402
+from .helpers import benchmark_script
+
+compile_ttft = benchmark_script("compile_ttft")
+common = benchmark_script("_common")
 
 
 def test_generate_systems_run_leave_the_model_as_found_and_write_results_without_matplotlib(
