@@ -151,20 +151,20 @@ def head_blocks_per_row(sorted_BHQK: torch.Tensor, density, rounds: int = 4,
     price_BHK = per_block_BHK.view(torch.int32).to(torch.int64)  # ordered as the values
     budget_B = H * grid_cost(blocks_per_row(nb, density, device), nb)
 
-    def allocation(price_CB):  # a price per batch entry -> steps taken per head
-        taken = (price_BHK >= price_CB[..., None, None]).sum(-1)
+    def allocation(price_PB):  # a price per batch entry -> steps taken per head
+        taken = (price_BHK >= price_PB[..., None, None]).sum(-1)
         return taken.clamp(min=2, max=nb)  # clamp gives nb when nb < 2
 
     low_B = torch.full((B,), -1, dtype=torch.int64, device=device)  # below every gain: may not fit
     finite_BHK = torch.where(torch.isinf(per_block_BHK), 0, price_BHK)
     high_B = finite_BHK.amax((-2, -1)) + 1  # above every gain: only the floor, which fits
-    step_C = torch.arange(1, candidates, device=device)
+    step_P = torch.arange(1, candidates, device=device)
     for _ in range(rounds):
-        price_CB = torch.cat([low_B + (high_B - low_B) * step_C[:, None] // candidates, high_B[None]])
-        fits_CB = grid_cost(allocation(price_CB), nb).sum(-1) <= budget_B
-        first_B = fits_CB.to(torch.int32).argmax(0)  # the last candidate, high_B, always fits
-        high_B = price_CB.gather(0, first_B[None])[0]
-        low_B = torch.where(first_B > 0, price_CB.gather(0, (first_B - 1).clamp(min=0)[None])[0], low_B)
+        price_PB = torch.cat([low_B + (high_B - low_B) * step_P[:, None] // candidates, high_B[None]])
+        fits_PB = grid_cost(allocation(price_PB), nb).sum(-1) <= budget_B
+        first_B = fits_PB.to(torch.int32).argmax(0)  # the last candidate, high_B, always fits
+        high_B = price_PB.gather(0, first_B[None])[0]
+        low_B = torch.where(first_B > 0, price_PB.gather(0, (first_B - 1).clamp(min=0)[None])[0], low_B)
     return allocation(high_B)
 
 

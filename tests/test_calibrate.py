@@ -86,8 +86,8 @@ def test_planted_heads_get_their_kind(planted_curves, target):
     table = table_from_curves(planted_curves, _shape(), BLOCK, target, N)
     assert table.kinds[0] == EXPECTED
     k_retrieval = int(blocks_per_row(NB, table.densities[0][2], "cpu"))
-    kept_CK = planted_curves.fractions(0)[:, 2, k_retrieval - 1]
-    local, vertical_slash, block_sparse = (kept_CK[KINDS.index(kind)] for kind in KINDS[:3])
+    kept_T = planted_curves.fractions(0)[:, 2, k_retrieval - 1]
+    local, vertical_slash, block_sparse = (kept_T[KINDS.index(kind)] for kind in KINDS[:3])
     assert vertical_slash >= block_sparse - 1e-6 and vertical_slash > local + 0.01  # a tie, up to rounding
 
 
