@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import sa_compile
+from sa_compile.hf_cache import cache_argument
 
 BASE_SYSTEMS = ("eager", "inductor", "sa_compile")
 GENERATE_SYSTEMS = ("eager_generate", "generate", "hf_attention")
@@ -32,7 +33,7 @@ def prefill(model, ids_BN: torch.Tensor) -> torch.Tensor:
     """One TTFT: fill a fresh KV cache with the prompt, return the last position's logits ``[B, 1, V]``."""
     from transformers import DynamicCache
 
-    out = model(input_ids=ids_BN, past_key_values=DynamicCache(config=model.config), use_cache=True,
+    out = model(input_ids=ids_BN, **cache_argument(model, DynamicCache(config=model.config)), use_cache=True,
                 logits_to_keep=1)
     return out.logits
 

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import sa_compile
 from sa_compile import SparseConfig
+from sa_compile.hf_cache import cache_argument, output_cache
 from sa_compile.reference import (
     block_attention, dense_reference, masked_reference, oracle_block_attention, search_block_attention, search_counts,
     token_mask,
@@ -106,11 +107,11 @@ def test_decode_steps_stay_dense_and_unknown_choosers_are_refused():
     config = SparseConfig(density=0.2, block_size=16, min_seq_len=0)
     with torch.inference_mode():
         token = ids[:, -1:]
-        cache = model(ids, use_cache=True).past_key_values
-        dense = model(token, past_key_values=cache, use_cache=True).logits
-        cache = model(ids, use_cache=True).past_key_values
+        cache = output_cache(model(ids, use_cache=True))
+        dense = model(token, use_cache=True, **cache_argument(model, cache)).logits
+        cache = output_cache(model(ids, use_cache=True))
         with block_attention(model, config, "search"):
-            step = model(token, past_key_values=cache, use_cache=True).logits
+            step = model(token, use_cache=True, **cache_argument(model, cache)).logits
     assert_close(step, dense)
     with pytest.raises(ValueError, match="expected one of"):
         with block_attention(model, config, "best"):
