@@ -10,6 +10,8 @@ import random
 
 import torch
 
+from sa_compile.hf_cache import cache_argument, output_cache
+
 
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 QUESTION = " What is the pass key? The pass key is"
@@ -60,10 +62,10 @@ def greedy_continuation(prefill_model, decode_model, ids, steps: int) -> torch.T
     """
     out = prefill(prefill_model, ids)
     token = out.logits[:, -1:].argmax(-1)
-    tokens, cache = [token], out.past_key_values
+    tokens, cache = [token], output_cache(out)
     with torch.inference_mode():
         for _ in range(steps - 1):
-            out = decode_model(token, past_key_values=cache, use_cache=True)
+            out = decode_model(token, use_cache=True, **cache_argument(decode_model, cache))
             token = out.logits[:, -1:].argmax(-1)
             tokens.append(token)
     return torch.cat(tokens, dim=-1)[0]

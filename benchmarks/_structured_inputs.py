@@ -72,36 +72,36 @@ def llama_rope(seq_len: int, head_dim: int, device):
     return cos, sin, rope.inv_freq
 
 
-def _pair_dims(pairs_P: torch.Tensor, head_dim: int) -> torch.Tensor:
+def _pair_dims(pairs_F: torch.Tensor, head_dim: int) -> torch.Tensor:
     """HF's rotate_half pairs dimension i with i + D/2."""
-    return torch.cat([pairs_P, pairs_P + head_dim // 2])
+    return torch.cat([pairs_F, pairs_F + head_dim // 2])
 
 
-def _slow_directions(inv_freq_P, seq_len: int, head_dim: int, count: int, gen) -> torch.Tensor:
+def _slow_directions(inv_freq_F, seq_len: int, head_dim: int, count: int, gen) -> torch.Tensor:
     """``count`` orthonormal directions ``[D, count]`` in the slowly rotating pairs, each in
     pairs of its own: RoPE only mixes the two dimensions of a pair, so rotated directions
     stay orthogonal (no lift leaks from one planted structure to another)."""
-    slow_P = torch.nonzero(inv_freq_P.cpu() * seq_len < _SLOW_TURN).flatten()
-    if len(slow_P) < count:
-        raise ValueError(f"head_dim {head_dim} has {len(slow_P)} slow RoPE pairs at {seq_len} tokens; {count} needed")
+    slow_F = torch.nonzero(inv_freq_F.cpu() * seq_len < _SLOW_TURN).flatten()
+    if len(slow_F) < count:
+        raise ValueError(f"head_dim {head_dim} has {len(slow_F)} slow RoPE pairs at {seq_len} tokens; {count} needed")
     basis = torch.zeros(head_dim, count)
     for i in range(count):
-        dims = _pair_dims(slow_P[i::count], head_dim)
+        dims = _pair_dims(slow_F[i::count], head_dim)
         direction = torch.randn(len(dims), generator=gen)
         basis[dims, i] = direction / direction.norm()
     return basis
 
 
-def _band_vectors(inv_freq_P, seq_len: int, width_H, kv_heads: int, gen):
+def _band_vectors(inv_freq_F, seq_len: int, width_H, kv_heads: int, gen):
     """Per KV head a vector with one unit of length per pair (random phases) outside the slow
     pairs, and per query head the mask of the pairs that turn at least one radian within
     ``width`` tokens: summed over those pairs, cos(d * theta) stays high for |d| below the width."""
-    inv_freq_P = inv_freq_P.cpu().float()
-    not_slow_P = inv_freq_P * seq_len >= _SLOW_TURN
-    phase_GP = torch.rand(kv_heads, len(inv_freq_P), generator=gen) * 2 * math.pi
-    c_GD = torch.cat([phase_GP.cos(), phase_GP.sin()], dim=-1) * not_slow_P.repeat(2)
-    fast_HP = (inv_freq_P[None, :] * width_H[:, None] >= 1.0) & not_slow_P
-    return c_GD, fast_HP.repeat(1, 2).float()
+    inv_freq_F = inv_freq_F.cpu().float()
+    not_slow_F = inv_freq_F * seq_len >= _SLOW_TURN
+    phase_GF = torch.rand(kv_heads, len(inv_freq_F), generator=gen) * 2 * math.pi
+    c_GD = torch.cat([phase_GF.cos(), phase_GF.sin()], dim=-1) * not_slow_F.repeat(2)
+    fast_HF = (inv_freq_F[None, :] * width_H[:, None] >= 1.0) & not_slow_F
+    return c_GD, fast_HF.repeat(1, 2).float()
 
 
 def _uniform(gen, low: float, high: float, n: int) -> torch.Tensor:
@@ -135,10 +135,10 @@ def _plan(seq_len, heads, kv_heads, sink_tokens, heavy_per_head, span, lookup_qu
     return Plan(seq_len, sink_tokens, heavy_GJ, lookups, width_H, lifts)
 
 
-def _noise(shape, basis_DE, gen, device) -> torch.Tensor:
+def _noise(shape, basis_DU, gen, device) -> torch.Tensor:
     """Gaussian noise with the planted directions projected out (their lifts stay exact)."""
     x = torch.randn(shape, generator=gen, device=device) * NOISE
-    return x - (x @ basis_DE) @ basis_DE.T
+    return x - (x @ basis_DU) @ basis_DU.T
 
 
 def structured_inputs(seq_len: int, heads: int = 32, kv_heads: int = 8, head_dim: int = 128, *, seed: int = 0,
@@ -163,10 +163,10 @@ def structured_inputs(seq_len: int, heads: int = 32, kv_heads: int = 8, head_dim
     plan = _plan(seq_len, heads, kv_heads, sink_tokens, heavy_per_head, lookup_span, lookup_queries,
                  lookup_head_share, gen)
     plan.seed = seed
-    cos, sin, inv_freq_P = llama_rope(seq_len, head_dim, device)
+    cos, sin, inv_freq_F = llama_rope(seq_len, head_dim, device)
     scale = head_dim**-0.5
-    basis_DE = _slow_directions(inv_freq_P, seq_len, head_dim, 2 + len(plan.lookups), gen)
-    c_GD, fast_HD = _band_vectors(inv_freq_P, seq_len, plan.band_width_H, kv_heads, gen)
+    basis_DU = _slow_directions(inv_freq_F, seq_len, head_dim, 2 + len(plan.lookups), gen)
+    c_GD, fast_HD = _band_vectors(inv_freq_F, seq_len, plan.band_width_H, kv_heads, gen)
 
     # k carries each structure with length `strength`; q the matching direction scaled so that
     # q . k * scale equals the planted lift.
@@ -176,18 +176,18 @@ def structured_inputs(seq_len: int, heads: int = 32, kv_heads: int = 8, head_dim
     kappa = math.sqrt(math.log(seq_len) / (num_fast * scale))
     q_band_HD = c_GD.repeat_interleave(heads // kv_heads, 0) * fast_HD
     q_band_HD *= (plan.lifts["band"] / (kappa * scale * fast_HD.sum(-1) / 2)).nan_to_num(0.0)[:, None]
-    q_HD = q_band_HD + torch.outer(plan.lifts["sink"], basis_DE[:, 0] / (strength * scale))
-    q_HD += torch.outer(plan.lifts["heavy"], basis_DE[:, 1] / (strength * scale))
+    q_HD = q_band_HD + torch.outer(plan.lifts["sink"], basis_DU[:, 0] / (strength * scale))
+    q_HD += torch.outer(plan.lifts["heavy"], basis_DU[:, 1] / (strength * scale))
 
     gen_device = torch.Generator(device=device).manual_seed(seed)
-    basis_DE, c_GD = basis_DE.to(device), c_GD.to(device)
-    q_BHND = _noise((1, heads, seq_len, head_dim), basis_DE, gen_device, device) + q_HD.to(device)[None, :, None]
-    k_BGND = _noise((1, kv_heads, seq_len, head_dim), basis_DE, gen_device, device) + kappa * c_GD[None, :, None]
-    k_BGND[:, :, :sink_tokens] += strength * basis_DE[:, 0]
+    basis_DU, c_GD = basis_DU.to(device), c_GD.to(device)
+    q_BHND = _noise((1, heads, seq_len, head_dim), basis_DU, gen_device, device) + q_HD.to(device)[None, :, None]
+    k_BGND = _noise((1, kv_heads, seq_len, head_dim), basis_DU, gen_device, device) + kappa * c_GD[None, :, None]
+    k_BGND[:, :, :sink_tokens] += strength * basis_DU[:, 0]
     heads_G1 = torch.arange(kv_heads, device=device)[:, None]
-    k_BGND[0, heads_G1, plan.heavy_positions_GJ.to(device)] += strength * basis_DE[:, 1]
+    k_BGND[0, heads_G1, plan.heavy_positions_GJ.to(device)] += strength * basis_DU[:, 1]
     for i, lk in enumerate(plan.lookups):
-        direction_D = basis_DE[:, 2 + i]
+        direction_D = basis_DU[:, 2 + i]
         k_BGND[:, :, lk["keys"][0] : lk["keys"][1]] += strength * direction_D
         q_lift_H = (plan.lifts[f"lookup{i}"] / (strength * scale)).to(device)
         q_BHND[0, :, lk["queries"][0] : lk["queries"][1]] += q_lift_H[:, None, None] * direction_D

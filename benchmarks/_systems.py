@@ -24,6 +24,7 @@ import torch
 
 import sa_compile
 from _common import overrides_label, parse_overrides
+from sa_compile.hf_cache import cache_argument
 
 BASE_SYSTEMS = ("eager", "inductor", "sa_compile")
 GENERATE_SYSTEMS = ("eager_generate", "generate", "hf_attention")
@@ -33,7 +34,7 @@ def prefill(model, ids_BN: torch.Tensor) -> torch.Tensor:
     """One TTFT: fill a fresh KV cache with the prompt, return the last position's logits ``[B, 1, V]``."""
     from transformers import DynamicCache
 
-    out = model(input_ids=ids_BN, past_key_values=DynamicCache(config=model.config), use_cache=True,
+    out = model(input_ids=ids_BN, **cache_argument(model, DynamicCache(config=model.config)), use_cache=True,
                 logits_to_keep=1)
     return out.logits
 

@@ -27,7 +27,7 @@ import _common as common  # noqa: E402
 
 from sa_compile import SparseConfig, sparse_attention  # noqa: E402
 from sa_compile.flex import causal_mask_mod  # noqa: E402
-from sa_compile.selection import realized_density  # noqa: E402
+from sa_compile.patterns import realized_density  # noqa: E402
 from sa_compile.sparse_op import build_block_mask, search_blocks  # noqa: E402
 
 CUDA_SHAPE = {"heads": 32, "kv_heads": 8, "head_dim": 128, "dtype": "bfloat16", "lengths": "16k,32k,64k,128k",

@@ -23,8 +23,8 @@ from torch._dynamo.utils import counters
 import sa_compile
 from sa_compile import SparseConfig
 from sa_compile.calibrate import _prompts, _smollm2_model
-from sa_compile.patterns import PatternTable
-from sa_compile.selection import blocks_per_row, causal_block_count, grid_cost, realized_density
+from sa_compile.patterns import PatternTable, realized_density
+from sa_compile.selection import blocks_per_row, causal_block_count, grid_cost
 
 
 def metrics(logits_NV, dense_NV, next_N) -> dict:

@@ -44,15 +44,15 @@ from torch._dynamo.utils import counters
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
 import _smollm2 as smollm2  # noqa: E402
-from _block_model import block_attention  # noqa: E402
 from _passkey import DECODE_STEPS, FILLER, QUESTION, passkey_run, prefill  # noqa: E402
-from _recall import block_recall, oracle_keep, recall_summary, true_block_mass  # noqa: E402
 
 import sa_compile  # noqa: E402
 from sa_compile import PatternKind, SparseConfig  # noqa: E402
 from sa_compile.calibrate import attention_qk  # noqa: E402
 from sa_compile.passes.sparse_sdpa import _MIN_GPU_BLOCK  # noqa: E402
-from sa_compile.selection import realized_density  # noqa: E402
+from sa_compile.patterns import realized_density  # noqa: E402
+from sa_compile.reference import (  # noqa: E402
+    block_attention, block_recall, oracle_keep, recall_summary, true_block_mass)
 from sa_compile.sparse_op import select_kept_blocks  # noqa: E402
 
 

@@ -33,12 +33,13 @@ from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
-from _block_model import search_counts  # noqa: E402
-from _recall import block_recall, oracle_keep, recall_summary, selection_block_mask, true_block_mass  # noqa: E402
 from _structured_inputs import structured_inputs  # noqa: E402
 from attention import dense_sdpa  # noqa: E402  (cuDNN SDPA where it runs, as the attention benchmark)
 
 from sa_compile import SparseConfig, sparse_attention  # noqa: E402
+from sa_compile.reference import (  # noqa: E402
+    block_recall, oracle_keep, recall_summary, search_counts, selection_block_mask, true_block_mass,
+)
 from sa_compile.selection import causal_block_count  # noqa: E402
 
 GPU_DEFAULTS = {"lengths": "32k,64k,128k", "block_size": 128, "dtype": "bfloat16"}

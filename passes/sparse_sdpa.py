@@ -104,6 +104,10 @@ def plan_rewrite(gm: GraphModule, node: Node, config: SparseConfig, on_cpu: bool
             return "key padding with dynamic shapes on CPU"
         if example_value(causal.padding).dtype == torch.bool:
             return "boolean key-padding mask on CPU"
+    if not isinstance(seq_len, int) and seq_len < config.min_seq_len:
+        # A guard on the symbolic length, the one the op's own length test would add: this
+        # graph serves only prompts below min_seq_len, so it keeps SDPA, counted as skipped.
+        return "prompt shorter than min_seq_len"
     return _Plan(call.query, unrepeat_kv(call.key), unrepeat_kv(call.value), causal.padding, call.scale)
 
 

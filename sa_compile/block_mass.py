@@ -1,7 +1,8 @@
 """True attention mass per block, and the mass a template's ranking retains at every budget.
 
-Used by calibration (``sa_compile.calibrate``), which runs once per model, offline: this
-is a measurement with Python loops over query chunks, never the compiled hot path.
+Used by calibration (``sa_compile.calibrate``), which runs once per model, offline, and by
+the slow references (:mod:`sa_compile.reference`): a measurement with Python loops over query
+chunks, never the compiled hot path.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from .selection import rank_blocks
 
 
 def true_block_mass(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size: int, scale: float,
-                    chunk_bytes: int = 2**28) -> torch.Tensor:
+                    chunk_bytes: int = 2**30) -> torch.Tensor:
     """Dense causal softmax mass per block, ``[B, H, nb, nb]`` float32, summed over each block's
     queries (a row sums to its number of queries). Never N x N: one chunk of query blocks at a
-    time, each chunk's float32 logits within ``chunk_bytes``. GQA: query head ``h`` reads key
+    time, each chunk's float32 logits within ``chunk_bytes`` (1 GiB by default: few launches
+    at 64K on a GPU). GQA: query head ``h`` reads key
     head ``h // (H // G)``. It is the strided-query template's mass with every query sampled
     (stride 1). Example::
 

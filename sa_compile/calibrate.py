@@ -37,6 +37,7 @@ from .selection import blocks_per_row, causal_block_count, grid_cost
 
 _BASELINE = "auto"  # what the uniform baseline uses: the default SparseConfig.pattern
 _TIE = 1e-6  # retained-fraction difference below which kinds count as tied
+_MASS_CHUNK_BYTES = 2**28  # float32 logits per query chunk of the true block mass
 
 
 @dataclass
@@ -58,7 +59,7 @@ def measure_layer(q_BHND, k_BGND, block_size: int, scale: float, last_q: int = 6
     from .sparse_op import estimate_block_scores
 
     config = SparseConfig(block_size=block_size, last_q=last_q, min_seq_len=0)
-    mass_BHQK = true_block_mass(q_BHND, k_BGND, block_size, scale)
+    mass_BHQK = true_block_mass(q_BHND, k_BGND, block_size, scale, _MASS_CHUNK_BYTES)
     kept = [retained_by_budget(mass_BHQK, estimate_block_scores(
         q_BHND, k_BGND, replace(config, pattern=PatternKind(kind)), scale)) for kind in KINDS]
     # Small per-head curves: on the host, where the budget allocation runs.
@@ -97,12 +98,12 @@ def allocate_head_budgets(fraction_HK: torch.Tensor, target: float) -> torch.Ten
         k_H[h] = k + 1
 
 
-def choose_kinds(fraction_CHK: torch.Tensor, k_H: torch.Tensor) -> tuple[str, ...]:
+def choose_kinds(fraction_THK: torch.Tensor, k_H: torch.Tensor) -> tuple[str, ...]:
     """Per head, the kind of :data:`KINDS` keeping most mass at ``k_H`` (ties: the earlier kind)."""
-    at_budget_CH = fraction_CHK[: len(KINDS)].gather(2, (k_H - 1)[None, :, None].expand(len(KINDS), -1, 1))[..., 0]
-    best_H = at_budget_CH.max(0).values
-    first_C = (at_budget_CH >= best_H - _TIE).double().argmax(0)  # argmax returns the first maximum
-    return tuple(KINDS[int(c)] for c in first_C)
+    at_budget_TH = fraction_THK[: len(KINDS)].gather(2, (k_H - 1)[None, :, None].expand(len(KINDS), -1, 1))[..., 0]
+    best_H = at_budget_TH.max(0).values
+    kind_H = (at_budget_TH >= best_H - _TIE).double().argmax(0)  # argmax returns the first maximum
+    return tuple(KINDS[int(c)] for c in kind_H)
 
 
 def table_from_curves(curves: Curves, model: ModelShape, block_size: int, target: float, reference_len: int,
@@ -112,9 +113,9 @@ def table_from_curves(curves: Curves, model: ModelShape, block_size: int, target
     nb = curves.num_blocks
     kinds, densities = [], []
     for layer in range(model.num_layers):
-        fraction_CHK = curves.fractions(layer)
-        k_H = allocate_head_budgets(fraction_CHK[: len(KINDS)].amax(0), target)
-        kinds.append(choose_kinds(fraction_CHK, k_H))
+        fraction_THK = curves.fractions(layer)
+        k_H = allocate_head_budgets(fraction_THK[: len(KINDS)].amax(0), target)
+        kinds.append(choose_kinds(fraction_THK, k_H))
         densities.append(tuple(float(grid_cost(k, nb)) / causal_block_count(nb) for k in k_H.tolist()))
     return PatternTable(model=model, block_size=block_size, target=target, reference_len=reference_len,
                         taper=taper, kinds=tuple(kinds), densities=tuple(densities),
@@ -134,12 +135,12 @@ def compare_with_uniform(curves: Curves, table: PatternTable) -> dict:
     rows = {name: [] for name in budgets}
     spent = dict.fromkeys(budgets, 0.0)
     for layer, (kinds, densities) in enumerate(zip(table.kinds, table.densities)):
-        fraction_CHK = curves.fractions(layer)
+        fraction_THK = curves.fractions(layer)
         for h, (kind, density) in enumerate(zip(kinds, densities)):
             for name, k in budgets.items():
                 k = int(blocks_per_row(nb, density, "cpu")) if k is None else k
                 c = KINDS.index(kind) if name == "table" else KINDS.index(_BASELINE)
-                rows[name].append(float(fraction_CHK[c, h, k - 1]))
+                rows[name].append(float(fraction_THK[c, h, k - 1]))
                 spent[name] += grid_cost(k, nb)
     grid = len(rows["table"]) * causal_block_count(nb)
     result = {name: {"retained_mean": sum(r) / len(r), "retained_min": min(r), "computed_fraction": spent[name] / grid}

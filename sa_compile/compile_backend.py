@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch._dynamo.utils import counters
 from torch._inductor.compile_fx import compile_fx
 
 from .config import SparseConfig
@@ -85,8 +86,17 @@ def make_backend(config: SparseConfig | None = None):
         from sa_compile.passes import run_passes
 
         patches = inductor_options(mode, options, on_cpu=_on_cpu(example_inputs))  # checked before any rewrite
-        gm = run_passes(gm, example_inputs, config=config)
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        counted = counters["sa_compile"].copy()
+        try:
+            gm = run_passes(gm, example_inputs, config=config)
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        except BaseException:
+            # A compile that does not finish serves no call. Dynamo also restarts its trace
+            # from inside compile_fx (under dynamic=True) and hands the backend the same
+            # graph again: the abandoned attempt's counts would count every SDPA twice.
+            counters["sa_compile"].clear()
+            counters["sa_compile"].update(counted)
+            raise
 
     sa_compile_backend.config = config
     return sa_compile_backend

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 
-def _chunked_forward(self, x_BNC: torch.Tensor) -> torch.Tensor:
-    if x_BNC.shape[-2] < self._sa_compile_chunk_min_tokens:
-        return self._sa_compile_unchunked_forward(x_BNC)
+def _chunked_forward(self, x_BNE: torch.Tensor) -> torch.Tensor:
+    if x_BNE.shape[-2] < self._sa_compile_chunk_min_tokens:
+        return self._sa_compile_unchunked_forward(x_BNE)
     # tensor_split always returns ``chunks`` pieces, so the graph does not depend on N.
-    pieces = torch.tensor_split(x_BNC, self._sa_compile_chunks, dim=-2)
+    pieces = torch.tensor_split(x_BNE, self._sa_compile_chunks, dim=-2)
     return torch.cat([self._sa_compile_unchunked_forward(p) for p in pieces], dim=-2)
 
 

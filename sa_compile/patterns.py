@@ -1,4 +1,6 @@
-"""Calibrated pattern tables: one pattern kind and one block budget per (layer, head).
+"""Calibrated pattern tables: one pattern kind and one block budget per (layer, head), and
+:func:`realized_density`, the fraction of the causal block grid a config computes (with a
+table or with one uniform budget).
 
 Written by ``python -m sa_compile.calibrate``, read through ``SparseConfig(patterns=path)``.
 The JSON file (format version 1)::
@@ -24,7 +26,10 @@ import json
 import os
 from dataclasses import dataclass
 
+import torch
+
 from .config import PatternKind
+from .selection import blocks_per_row, causal_block_count, grid_cost
 
 FORMAT = "sa_compile.patterns"
 VERSION = 1
@@ -133,10 +138,6 @@ class PatternTable:
         """Fraction of the causal block grid the table's heads compute at ``seq_len`` tokens,
         summed over every layer and head (exact: each head keeps ``min(K_h, qb + 1)`` blocks of
         row ``qb``, with ``K_h`` from the budget rule above)."""
-        import torch
-
-        from .selection import blocks_per_row, causal_block_count, grid_cost
-
         nb = -(-seq_len // self.block_size)
         scale = min(1.0, self.reference_blocks / nb) if self.taper else 1.0
         densities = [d * scale for row in self.densities for d in row]
@@ -205,3 +206,23 @@ def load_table(path: str) -> PatternTable:
     except OSError as error:
         raise ValueError(f"cannot read pattern table {path!r}: {error}") from error
     return _load_cached(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+def realized_density(seq_len: int, config) -> float:
+    """Fraction of the causal block grid the sparse path computes at ``seq_len`` tokens.
+
+    Exact, not an estimate: every row keeps ``min(K, qb + 1)`` blocks whatever the input.
+    Returns 1.0 below ``config.min_seq_len``, where attention stays dense. The budget is
+    ``config.density_at(nb)`` (it tapers past ``config.taper_from``). With
+    ``search_head_budgets`` the split between heads depends on the input and this is the
+    uniform split's total, which the searched split never exceeds.
+    With ``config.patterns`` it is the table's total over all its layers and heads
+    (:meth:`PatternTable.computed_fraction`).
+    """
+    if seq_len < config.min_seq_len:
+        return 1.0
+    if config.patterns is not None:
+        return load_table(config.patterns).computed_fraction(seq_len)
+    nb = -(-seq_len // config.block_size)
+    k = int(blocks_per_row(nb, config.density_at(nb), "cpu"))
+    return grid_cost(k, nb) / causal_block_count(nb)

@@ -154,20 +154,20 @@ def head_blocks_per_row(sorted_BHQK: torch.Tensor, density, rounds: int = 4,
     price_BHK = per_block_BHK.view(torch.int32).to(torch.int64)  # ordered as the values
     budget_B = H * grid_cost(blocks_per_row(nb, density, device), nb)
 
-    def allocation(price_CB):  # a price per batch entry -> steps taken per head
-        taken = (price_BHK >= price_CB[..., None, None]).sum(-1)
+    def allocation(price_PB):  # a price per batch entry -> steps taken per head
+        taken = (price_BHK >= price_PB[..., None, None]).sum(-1)
         return taken.clamp(min=2, max=nb)  # clamp gives nb when nb < 2
 
     low_B = torch.full((B,), -1, dtype=torch.int64, device=device)  # below every gain: may not fit
     finite_BHK = torch.where(torch.isinf(per_block_BHK), 0, price_BHK)
     high_B = finite_BHK.amax((-2, -1)) + 1  # above every gain: only the floor, which fits
-    step_C = torch.arange(1, candidates, device=device)
+    step_P = torch.arange(1, candidates, device=device)
     for _ in range(rounds):
-        price_CB = torch.cat([low_B + (high_B - low_B) * step_C[:, None] // candidates, high_B[None]])
-        fits_CB = grid_cost(allocation(price_CB), nb).sum(-1) <= budget_B
-        first_B = fits_CB.to(torch.int32).argmax(0)  # the last candidate, high_B, always fits
-        high_B = price_CB.gather(0, first_B[None])[0]
-        low_B = torch.where(first_B > 0, price_CB.gather(0, (first_B - 1).clamp(min=0)[None])[0], low_B)
+        price_PB = torch.cat([low_B + (high_B - low_B) * step_P[:, None] // candidates, high_B[None]])
+        fits_PB = grid_cost(allocation(price_PB), nb).sum(-1) <= budget_B
+        first_B = fits_PB.to(torch.int32).argmax(0)  # the last candidate, high_B, always fits
+        high_B = price_PB.gather(0, first_B[None])[0]
+        low_B = torch.where(first_B > 0, price_PB.gather(0, (first_B - 1).clamp(min=0)[None])[0], low_B)
     return allocation(high_B)
 
 
@@ -177,26 +177,3 @@ def diagonal_only(batch: int, heads: int, num_blocks_, device) -> tuple[torch.Te
     indices_QK = torch.where(idx[None, :] == 0, idx[:, None], 0)
     counts = torch.ones(batch, heads, num_blocks_, device=device, dtype=torch.int32)
     return counts, indices_QK.expand(batch, heads, num_blocks_, num_blocks_).contiguous()
-
-
-def realized_density(seq_len: int, config) -> float:
-    """Fraction of the causal block grid the sparse path computes at ``seq_len`` tokens.
-
-    Exact, not an estimate: every row keeps ``min(K, qb + 1)`` blocks whatever the input.
-    Returns 1.0 below ``config.min_seq_len``, where attention stays dense. The budget is
-    ``config.density_at(nb)`` (it tapers past ``config.taper_from``). With
-    ``search_head_budgets`` the split between heads depends on the input and this is the
-    uniform split's total, which the searched split never exceeds.
-    With ``config.patterns`` it is the table's total over all its layers and heads
-    (:meth:`PatternTable.computed_fraction`).
-    """
-    if seq_len < config.min_seq_len:
-        return 1.0
-    if config.patterns is not None:
-        from .patterns import load_table
-
-        return load_table(config.patterns).computed_fraction(seq_len)
-    nb = -(-seq_len // config.block_size)
-    k = int(blocks_per_row(nb, config.density_at(nb), "cpu"))
-    return grid_cost(k, nb) / causal_block_count(nb)
-

@@ -159,8 +159,9 @@ def rewritten_sdpa(q_BHND, k_BGND, v_BGND, kv_valid_BN, scale, head_pattern=None
     ``config_fields`` are ``SparseConfig.describe()`` and ``head_pattern`` the layer's row
     of a pattern table (or ``None``): plain literals, so the rewritten graph prints as valid
     code and caches by value (a changed table changes the graph). Prompts shorter than
-    ``min_seq_len`` take dense SDPA; with dynamic shapes that test becomes a guard on the
-    sequence length.
+    ``min_seq_len`` take dense SDPA. The graph pass already keeps SDPA for them (with
+    dynamic shapes, behind a guard on the sequence length), so that they count as skipped,
+    not rewritten; the test here serves direct callers.
     """
     config = SparseConfig.from_fields(config_fields)
     N, D = q_BHND.shape[-2:]

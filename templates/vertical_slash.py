@@ -79,15 +79,15 @@ def row_vertical_mass(q_BHND: torch.Tensor, k_BGND: torch.Tensor, vertical_BHN: 
     pooled = torch.matmul(q_BHQD.reshape(B, G, (H // G) * nb, D), block_means(k_BGND, block_size).transpose(-1, -2))
     pooled_BHQK = (pooled.view(B, H, nb, nb) * scale + math.log(block_size)).masked_fill(
         idx_K[None, :] > idx_K[:, None], float("-inf"))
-    column_BHM = vertical_BHN.topk(nb, dim=-1).indices
+    column_BHJ = vertical_BHN.topk(nb, dim=-1).indices
     row_of_head_H1 = (torch.arange(H, device=q_BHND.device) // (H // G) * N)[:, None]
-    flat_BX = (column_BHM + row_of_head_H1).reshape(B, H * nb, 1).expand(B, H * nb, D)
-    k_BHMD = k_BGND.reshape(B, G * N, D).gather(1, flat_BX).view(B, H, nb, D).float()
-    exact_BHQM = (torch.matmul(q_BHQD, k_BHMD.transpose(-1, -2)) * scale).masked_fill(
-        column_BHM[:, :, None, :] // block_size > idx_K[:, None], float("-inf"))
-    probs = torch.softmax(torch.cat([pooled_BHQK, exact_BHQM], -1), dim=-1)
-    into_block_BHQM = (column_BHM // block_size)[:, :, None, :].expand(B, H, nb, nb)
-    return probs[..., :nb].scatter_add(-1, into_block_BHQM, probs[..., nb:])
+    flat_BX = (column_BHJ + row_of_head_H1).reshape(B, H * nb, 1).expand(B, H * nb, D)
+    k_BHJD = k_BGND.reshape(B, G * N, D).gather(1, flat_BX).view(B, H, nb, D).float()
+    exact_BHQJ = (torch.matmul(q_BHQD, k_BHJD.transpose(-1, -2)) * scale).masked_fill(
+        column_BHJ[:, :, None, :] // block_size > idx_K[:, None], float("-inf"))
+    probs = torch.softmax(torch.cat([pooled_BHQK, exact_BHQJ], -1), dim=-1)
+    into_block_BHQJ = (column_BHJ // block_size)[:, :, None, :].expand(B, H, nb, nb)
+    return probs[..., :nb].scatter_add(-1, into_block_BHQJ, probs[..., nb:])
 
 
 def vertical_slash_block_scores(attn_BHLN: torch.Tensor, block_size: int, q_BHND=None, k_BGND=None,
@@ -105,15 +105,16 @@ def vertical_slash_block_scores(attn_BHLN: torch.Tensor, block_size: int, q_BHND
     else:
         rows = attn_BHLN.shape[-2]
         vertical_BHK = row_vertical_mass(q_BHND, k_BGND, vertical_BHN, block_size, scale) * rows
-    # A diagonal at offset d crosses the block pair at block offset D when |d - D*bs| < bs,
-    # covering a fraction (bs - |d - D*bs|) / bs of that block's rows: a triangular filter.
-    pieces_BHDR = pad_to_blocks(slash_BHN, block_size).unflatten(-1, (nb, block_size))
+    # A diagonal at offset d crosses the block pair at block offset o (= qb - kb) when
+    # |d - o*bs| < bs, covering a fraction (bs - |d - o*bs|) / bs of that block's rows: a
+    # triangular filter.
+    pieces_BHOR = pad_to_blocks(slash_BHN, block_size).unflatten(-1, (nb, block_size))
     ramp_R = torch.arange(block_size, device=attn_BHLN.device, dtype=attn_BHLN.dtype) / block_size
-    falling_BHD = (pieces_BHDR * (1.0 - ramp_R)).sum(-1)
-    rising_BHD = (pieces_BHDR * ramp_R).sum(-1)
-    slash_BHD = falling_BHD + F.pad(rising_BHD, (1, 0))[..., :nb]
+    falling_BHO = (pieces_BHOR * (1.0 - ramp_R)).sum(-1)
+    rising_BHO = (pieces_BHOR * ramp_R).sum(-1)
+    slash_BHO = falling_BHO + F.pad(rising_BHO, (1, 0))[..., :nb]
     offsets_QK = block_offsets_QK(nb, attn_BHLN.device)
-    scores_BHQK = vertical_BHK + slash_BHD[..., offsets_QK.clamp(min=0)]
+    scores_BHQK = vertical_BHK + slash_BHO[..., offsets_QK.clamp(min=0)]
     return normalize_causal_rows(scores_BHQK)
 
 

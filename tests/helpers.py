@@ -1,6 +1,10 @@
-"""Shared references and tolerances for the sa_compile tests."""
+"""Tolerances, inputs and a tiny model for the sa_compile tests (the references are in sa_compile.reference)."""
 
 from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
 
@@ -22,36 +26,6 @@ BLOCK = {"cpu": 16, "cuda": 128}
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None) -> None:
     tol = TOLERANCES[dtype or actual.dtype]
     torch.testing.assert_close(actual.double(), expected.double(), **tol)
-
-
-def token_mask(keep_BHQK: torch.Tensor, block_size: int, seq_len: int, kv_valid_BN=None) -> torch.Tensor:
-    """The token-level mask a block selection stands for: kept blocks, causal, valid keys."""
-    mask = keep_BHQK.repeat_interleave(block_size, -1).repeat_interleave(block_size, -2)
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=keep_BHQK.device).tril()
-    mask = mask[..., :seq_len, :seq_len] & causal
-    if kv_valid_BN is not None:
-        mask = mask & (kv_valid_BN != 0)[:, None, None, :]
-    return mask
-
-
-def masked_reference(q, k, v, mask, scale=None) -> torch.Tensor:
-    """Dense attention under ``mask`` in float64; rows with no visible key give zeros."""
-    group = q.shape[1] // k.shape[1]
-    k64 = k.double().repeat_interleave(group, 1)
-    v64 = v.double().repeat_interleave(group, 1)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = (q.double() @ k64.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    return probs @ v64
-
-
-def dense_reference(q, k, v, scale=None, kv_valid_BN=None) -> torch.Tensor:
-    """Causal dense attention in float64 (optionally with key padding)."""
-    N = q.shape[-2]
-    mask = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()[None, None]
-    if kv_valid_BN is not None:
-        mask = mask & (kv_valid_BN != 0)[:, None, None, :]
-    return masked_reference(q, k, v, mask, scale)
 
 
 def sqnr_db(actual: torch.Tensor, reference: torch.Tensor) -> float:
@@ -79,3 +53,20 @@ def attention_inputs(seed: int, batch: int, heads: int, kv_heads: int, seq_len: 
     k = torch.randn(batch, kv_heads, seq_len, head_dim, generator=gen)
     v = torch.randn(batch, kv_heads, seq_len, head_dim, generator=gen)
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def benchmark_script(name: str):
+    """``benchmarks/<name>.py`` as a module, for the tests of the benchmark scripts themselves
+    (every reference they measure against is in :mod:`sa_compile.reference`). The scripts are
+    not a package: each runs as ``python benchmarks/<name>.py`` and finds its helpers beside
+    it, so it is loaded from its file, as Python runs it. Example::
+
+        fidelity = benchmark_script("fidelity")
+    """
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -1,7 +1,4 @@
-"""The block model (benchmarks/_block_model.py): the oracle's blocks, the search's, its attention, its model hook."""
-
-import sys
-from pathlib import Path
+"""The block model (sa_compile.reference): the oracle's blocks, the search's, its attention, its model hook."""
 
 import pytest
 import torch
@@ -11,13 +8,15 @@ from hypothesis import strategies as st
 
 import sa_compile
 from sa_compile import SparseConfig
+from sa_compile.hf_cache import cache_argument, output_cache
+from sa_compile.reference import (
+    block_attention, dense_reference, masked_reference, oracle_block_attention, search_block_attention, search_counts,
+    token_mask,
+)
 from sa_compile.sparse_op import select_kept_blocks
 
-from .helpers import assert_close, attention_inputs, dense_reference, masked_reference, tiny_llama, token_mask
+from .helpers import assert_close, attention_inputs, tiny_llama
 from .test_recall import naive_block_mass
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _block_model import block_attention, oracle_block_attention, search_block_attention, search_counts  # noqa: E402
 
 
 def naive_oracle_keep(mass_BHQK, counts_Q):
@@ -108,11 +107,11 @@ def test_decode_steps_stay_dense_and_unknown_choosers_are_refused():
     config = SparseConfig(density=0.2, block_size=16, min_seq_len=0)
     with torch.inference_mode():
         token = ids[:, -1:]
-        cache = model(ids, use_cache=True).past_key_values
-        dense = model(token, past_key_values=cache, use_cache=True).logits
-        cache = model(ids, use_cache=True).past_key_values
+        cache = output_cache(model(ids, use_cache=True))
+        dense = model(token, use_cache=True, **cache_argument(model, cache)).logits
+        cache = output_cache(model(ids, use_cache=True))
         with block_attention(model, config, "search"):
-            step = model(token, past_key_values=cache, use_cache=True).logits
+            step = model(token, use_cache=True, **cache_argument(model, cache)).logits
     assert_close(step, dense)
     with pytest.raises(ValueError, match="expected one of"):
         with block_attention(model, config, "best"):

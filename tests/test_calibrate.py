@@ -14,11 +14,13 @@ from sa_compile import SparseConfig
 from sa_compile.calibrate import (
     Curves, allocate_head_budgets, compare_with_uniform, main, measure_layer, model_shape, table_from_curves,
 )
-from sa_compile.patterns import KINDS, ModelShape, PatternTable
-from sa_compile.selection import blocks_per_row, causal_block_count, grid_cost, realized_density
+from sa_compile.patterns import KINDS, ModelShape, PatternTable, realized_density
+from sa_compile.selection import blocks_per_row, causal_block_count, grid_cost
 from sa_compile.sparse_op import select_kept_blocks, sparse_attention
 
-from .helpers import assert_close, attention_inputs, masked_reference, tiny_llama, token_mask
+from sa_compile.reference import masked_reference, token_mask
+
+from .helpers import assert_close, attention_inputs, tiny_llama
 
 N, D, BLOCK = 512, 32, 16
 NB = N // BLOCK
@@ -84,8 +86,8 @@ def test_planted_heads_get_their_kind(planted_curves, target):
     table = table_from_curves(planted_curves, _shape(), BLOCK, target, N)
     assert table.kinds[0] == EXPECTED
     k_retrieval = int(blocks_per_row(NB, table.densities[0][2], "cpu"))
-    kept_CK = planted_curves.fractions(0)[:, 2, k_retrieval - 1]
-    local, vertical_slash, block_sparse = (kept_CK[KINDS.index(kind)] for kind in KINDS[:3])
+    kept_T = planted_curves.fractions(0)[:, 2, k_retrieval - 1]
+    local, vertical_slash, block_sparse = (kept_T[KINDS.index(kind)] for kind in KINDS[:3])
     assert vertical_slash >= block_sparse - 1e-6 and vertical_slash > local + 0.01  # a tie, up to rounding
 
 

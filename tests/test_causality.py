@@ -16,7 +16,9 @@ from sa_compile import PatternKind, SparseConfig, sparse_attention
 
 from sa_compile.sparse_op import estimate_block_scores, search_blocks
 
-from .helpers import TOLERANCES, attention_inputs, masked_reference, tiny_llama, token_mask
+from sa_compile.reference import masked_reference, token_mask
+
+from .helpers import TOLERANCES, attention_inputs, tiny_llama
 from .strategies import attention_shapes, core, key_padding
 from .test_invariants import assert_causal_lists, assert_mask_is_causal
 

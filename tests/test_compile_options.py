@@ -10,7 +10,9 @@ import sa_compile
 from sa_compile import SparseConfig
 from sa_compile.compile_backend import inductor_options
 
-from .helpers import assert_close, attention_inputs, dense_reference
+from sa_compile.reference import dense_reference
+
+from .helpers import assert_close, attention_inputs
 
 CFG = SparseConfig(density=1.0, min_seq_len=0, block_size=16)
 

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 import sa_compile.cost_model as cost_model
 from sa_compile import PatternKind, SparseConfig
 from sa_compile.cost_model import attention_cost, density_for_flop_budget
-from sa_compile.selection import causal_block_count, realized_density, select_blocks
+from sa_compile.patterns import realized_density
+from sa_compile.selection import causal_block_count, select_blocks
 
 
 @given(seq_len=st.integers(1, 5000), density=st.floats(0.01, 1.0), block=st.sampled_from([16, 64, 128]),

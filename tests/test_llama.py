@@ -7,6 +7,7 @@ from transformers import DynamicCache
 
 import sa_compile
 from sa_compile import SparseConfig
+from sa_compile.hf_cache import cache_argument
 
 from .helpers import DEVICES, sqnr_db, tiny_llama
 
@@ -105,7 +106,7 @@ def test_cached_prefill_after_a_sparse_prefill():
     compiled = _compile(model, FULL)
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        first = compiled(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        first = compiled(ids, use_cache=True, logits_to_keep=1, **cache_argument(compiled, cache)).logits
         assert counters["sa_compile"]["rewritten"] == 2
         torch.testing.assert_close(first, model(ids).logits[:, -1:], **LOGIT_TOL)
     assert cache.get_seq_length() == 70

@@ -1,7 +1,4 @@
-"""Attention recall and the oracle (benchmarks/_recall.py) against naive float64 references."""
-
-import sys
-from pathlib import Path
+"""Attention recall and the oracle (sa_compile.reference) against naive float64 references."""
 
 import pytest
 import torch
@@ -9,12 +6,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sa_compile import PatternKind, SparseConfig
+from sa_compile.reference import block_recall, oracle_keep, selection_block_mask, token_mask, true_block_mass
 from sa_compile.sparse_op import select_kept_blocks
 
-from .helpers import attention_inputs, token_mask
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _recall import block_recall, oracle_keep, selection_block_mask, true_block_mass  # noqa: E402
+from .helpers import attention_inputs
 
 
 def naive_block_mass(q, k, block_size):

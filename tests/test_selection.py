@@ -5,8 +5,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sa_compile import SparseConfig
+from sa_compile.patterns import realized_density
 from sa_compile.selection import (
-    blocks_per_row, causal_block_count, diagonal_only, grid_cost, keep_mask, realized_density, select_block_lists,
+    blocks_per_row, causal_block_count, diagonal_only, grid_cost, keep_mask, select_block_lists,
     head_blocks_per_row, rank_blocks, select_blocks, tapered_density,
 )
 

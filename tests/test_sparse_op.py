@@ -8,10 +8,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sa_compile import PatternKind, SparseConfig, sparse_attention
-from sa_compile.selection import causal_block_count, keep_mask, realized_density, select_block_lists
+from sa_compile.patterns import realized_density
+from sa_compile.selection import causal_block_count, keep_mask, select_block_lists
 from sa_compile.sparse_op import build_block_mask, select_kept_blocks
 
-from .helpers import BLOCK, DEVICES, assert_close, attention_inputs, dense_reference, masked_reference, token_mask
+from sa_compile.reference import dense_reference, masked_reference, token_mask
+
+from .helpers import BLOCK, DEVICES, assert_close, attention_inputs
 
 _compiled = {}
 

@@ -1,18 +1,17 @@
 """The structured-input benchmark: its inputs hold what they claim, and its oracle is exact at full density."""
 
 import argparse
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from sa_compile import PatternKind
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import _common as common  # noqa: E402
-import structured  # noqa: E402
-from _structured_inputs import structured_inputs  # noqa: E402
+from .helpers import benchmark_script
+
+structured = benchmark_script("structured")
+common = benchmark_script("_common")
+structured_inputs = benchmark_script("_structured_inputs").structured_inputs
 
 N, HEADS, KV_HEADS, HEAD_DIM = 1024, 8, 2, 128
 

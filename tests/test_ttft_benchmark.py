@@ -1,12 +1,17 @@
-"""The TTFT benchmark's generate() systems, and its results without matplotlib."""
+"""The TTFT benchmark: its generate() systems, its tiny default, and its results without matplotlib."""
 
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import _common as common  # noqa: E402
-import compile_ttft  # noqa: E402
+import torch
+
+from sa_compile.patterns import realized_density
+
+from .helpers import benchmark_script
+
+compile_ttft = benchmark_script("compile_ttft")
+common = benchmark_script("_common")
+make_systems = benchmark_script("_systems").make_systems
 
 
 def test_generate_systems_run_leave_the_model_as_found_and_write_results_without_matplotlib(
@@ -38,12 +43,30 @@ def test_plot_panels_says_what_is_missing(tmp_path, monkeypatch, capsys):
     assert "pip install matplotlib" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
 
 
+def test_the_tiny_default_compares_budgets_that_compute_different_fractions():
+    args = compile_ttft.parse_args([])
+    base = compile_ttft.sparse_base_config(args)
+    systems = [s for s in make_systems(args, base) if s.name.startswith("sa_compile")]
+    assert [s.name for s in systems] == ["sa_compile", "sa_compile@0.5"]
+    for n in args.lengths:
+        default, extra = (realized_density(n, s.sparse) for s in systems)
+        assert extra - default > 0.15, (n, default, extra)  # not both at the sink + diagonal floor
+
+
+def test_speedups_are_over_eager_and_over_plain_inductor():
+    rows = [{"system": s, "seq_len": 512, "ttft_s": t, "logits": torch.zeros(1)}
+            for s, t in (("eager", 0.08), ("inductor", 0.04), ("sa_compile", 0.02))]
+    compile_ttft.add_comparisons(rows)
+    sparse = rows[-1]
+    assert sparse["speedup_vs_eager"] == 4.0 and sparse["speedup_vs_inductor"] == 2.0
+
+
 def test_sparse_system_specs_set_the_density_and_named_fields():
-    import _systems
     import pytest
 
     import sa_compile
 
+    _systems = benchmark_script("_systems")
     system = _systems._system("sa_compile@0.20:taper_from=none:query_stride=8", None, sa_compile.SparseConfig())
     assert system.name == "sa_compile@0.2:query_stride=8:taper_from=none"
     assert (system.sparse.density, system.sparse.query_stride, system.sparse.taper_from) == (0.2, 8, None)

@@ -1,7 +1,7 @@
 """Scratch: what does the best block selection achieve on SmolLM2? Oracle vs search, fixed vs shared budgets."""
 import json, sys, os, math
 import torch, torch.nn.functional as F
-sys.path.insert(0, "benchmarks")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from transformers import AttentionInterface
 from sa_compile import SparseConfig
 from sa_compile.config import PatternKind
@@ -112,8 +112,8 @@ def attn_fn(module, q, k, v, attention_mask, scaling=None, dropout=0.0, **kw):
         cfg = SparseConfig(density=MODE["d"], block_size=BS, min_seq_len=0, taper_from=None,
                            pattern=PatternKind.VERTICAL_SLASH if MODE["sel"] == "vs" else PatternKind.BLOCK_SPARSE)
         scores = estimate_block_scores(q, k, cfg, scaling)
-    else:
-        cfg = SparseConfig(density=MODE["d"], block_size=BS, min_seq_len=0, taper_from=None)
+    else:  # "search": the default template when the logs were made
+        cfg = SparseConfig(density=MODE["d"], block_size=BS, min_seq_len=0, taper_from=None, pattern=PatternKind.AUTO)
         scores = estimate_block_scores(q, k, cfg, scaling)
     if MODE["alloc"] == "hb":
         from sa_compile.selection import select_block_lists

@@ -5,7 +5,7 @@ inputs). Per length: cuDNN SDPA, then the compiled flex_attention kernel under e
 over three BlockMasks: dense causal, and the search's at density 0.1 and 0.8 (no taper).
 Device events, 3 warm-ups, median of 10. Error is relative to the default options' output.
 
-    python docs/results/scratch/flex_options.py --out DIR [--lengths 32k,128k]
+    python benchmarks/experiments/flex_options.py --out DIR [--lengths 32k,128k]
 """
 
 import argparse
@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _common as common  # noqa: E402
 from attention import CPU_SHAPE, CUDA_SHAPE, as_block_mask, causal_block_mask, dense_sdpa, make_inputs, \
     rel_error, sparse_search  # noqa: E402
 
-from sa_compile import SparseConfig  # noqa: E402
+from sa_compile import PatternKind, SparseConfig  # noqa: E402
 
 OPTIONS = {
     "default": {},
@@ -67,7 +67,8 @@ def main():
         say(f"N={n} {label}: {t * 1e3:.2f} ms")
         masks = {"causal": causal_block_mask(n, bs, device)}
         for d in (0.1, 0.8):
-            cfg = SparseConfig(density=d, block_size=bs, min_seq_len=0, taper_from=None)
+            cfg = SparseConfig(density=d, block_size=bs, min_seq_len=0, taper_from=None,
+                               pattern=PatternKind.AUTO)  # the default when it ran
             masks[f"search d={d}"] = as_block_mask(sparse_search(cfg, device)(q, k), n, bs)
         for mask_name, bm in masks.items():
             ref = None

@@ -1,12 +1,12 @@
 """Scratch: skipped blocks approximated by their pooled key and value, not dropped.
 
-Eager model through transformers' attention interface (like ``_oracle_model``). Each query
+Eager model through transformers' attention interface (like ``sa_compile.reference.block_attention``). Each query
 attends exactly to its kept blocks (the search's, or the oracle's) and, for every causal
 block it skips, to one pooled token: the block's mean key with a logit offset ``log(block)``
 (it stands for ``block`` keys) and the block's mean value. One softmax over both. At
 ``pool=False`` it is the plain block-sparse attention the backend computes.
 
-    python docs/results/scratch/pooled_remainder_cpu.py [threads]
+    python benchmarks/experiments/pooled_remainder_cpu.py [threads]
 """
 
 import contextlib
@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _smollm2 as smollm2  # noqa: E402
 import fidelity  # noqa: E402
-from _oracle_model import search_counts  # noqa: E402
-from _recall import oracle_keep, true_block_mass  # noqa: E402
 
-from sa_compile import SparseConfig  # noqa: E402
+from sa_compile import PatternKind, SparseConfig  # noqa: E402
+from sa_compile.reference import oracle_keep, search_counts, true_block_mass  # noqa: E402
 from sa_compile.sparse_op import select_kept_blocks  # noqa: E402
 
 N, BS = 2048, 16
@@ -68,12 +68,12 @@ def patched(model, cfg, selection, pool):
 
 
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
-model, tokenizer = fidelity.load_model()
-ids = tokenizer(fidelity.default_text(), return_tensors="pt").input_ids[:, :N].clone()
+model, tokenizer = smollm2.load_model(), smollm2.load_tokenizer()
+ids = tokenizer(smollm2.default_text(), return_tensors="pt").input_ids[:, :N].clone()
 with torch.inference_mode():
     dense = model(ids).logits[0, :-1]
 for density in (0.1, 0.2, 0.3):
-    cfg = SparseConfig(density=density, block_size=BS, min_seq_len=0)
+    cfg = SparseConfig(density=density, block_size=BS, min_seq_len=0, pattern=PatternKind.AUTO)  # the default then
     for selection in ("search", "oracle"):
         for pool in (False, True):
             with patched(model, cfg, selection, pool), torch.inference_mode():

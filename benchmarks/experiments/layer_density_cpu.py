@@ -4,7 +4,7 @@ Hand-made pattern tables (every head ``auto``): the first ``L`` layers at densit
 the rest at ``d``; beside uniform ``d``. Next-token metrics against dense on fidelity.py's
 text (its first 2,048 tokens, the same slice fidelity.py measures).
 
-    python docs/results/scratch/layer_density_cpu.py > docs/results/scratch/layer_density_cpu.log
+    python benchmarks/experiments/layer_density_cpu.py > docs/results/layer_density_cpu.log
 """
 
 import json
@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _smollm2 as smollm2  # noqa: E402
 import fidelity  # noqa: E402
 
 import sa_compile  # noqa: E402
@@ -27,8 +28,8 @@ N, BS = 2048, 16
 RUNS = [(0, 0.1), (1, 0.1), (2, 0.1), (4, 0.1), (2, 0.3), (2, 0.5)]
 
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
-model, tokenizer = fidelity.load_model()
-ids = tokenizer(fidelity.default_text(), return_tensors="pt").input_ids[:, :N].clone()
+model, tokenizer = smollm2.load_model(), smollm2.load_tokenizer()
+ids = tokenizer(smollm2.default_text(), return_tensors="pt").input_ids[:, :N].clone()
 with torch.inference_mode():
     dense = model(ids).logits[0, :-1]
 c = model.config

@@ -2,7 +2,7 @@
 
 Compares one count for every head (no search), the 24-step bisection the search used before
 commit 5e83240 (copied below), and the current ``head_blocks_per_row`` (4 rounds of 256
-candidates). Run from the repository root: ``python docs/results/scratch/head_budget_compile_cpu.py``.
+candidates). Run from the repository root: ``python benchmarks/experiments/head_budget_compile_cpu.py``.
 """
 
 import time

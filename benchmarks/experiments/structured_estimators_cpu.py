@@ -11,16 +11,15 @@ scores), more last queries, and one not in the backend, "meanq-fullkey": each qu
 mean query against every key (exact per key, not per pooled block), softmax, summed per key
 block. "true mass" runs the true block mass through the same selection (the floor here).
 
-    python docs/results/scratch/structured_estimators_cpu.py N BLOCK   # e.g. 8192 64, 16384 128
+    python benchmarks/experiments/structured_estimators_cpu.py N BLOCK   # e.g. 8192 64, 16384 128
 """
 import sys
 from pathlib import Path
 import torch
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _structured_inputs import structured_inputs
-from _recall import block_recall, oracle_keep, true_block_mass
-from _block_model import kept_block_attention, search_counts
 from sa_compile import SparseConfig
+from sa_compile.reference import block_recall, kept_block_attention, oracle_keep, search_counts, true_block_mass
 from sa_compile.selection import select_block_lists, tapered_density, keep_mask
 from sa_compile.templates._blocks import block_means, normalize_causal_rows
 from sa_compile.templates.block_sparse import pooled_block_scores
