@@ -89,11 +89,12 @@ def parse_floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-def _int_or_none(text: str) -> int | None:
+def int_or_none(text: str) -> int | None:
+    """``"none"`` -> None, else the integer (a `--taper-from` style option)."""
     return None if text.lower() == "none" else int(text)
 
 
-_OVERRIDES = {"query_stride": int, "taper_from": _int_or_none}
+_OVERRIDES = {"query_stride": int, "taper_from": int_or_none}
 
 
 def parse_overrides(items) -> dict:

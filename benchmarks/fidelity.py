@@ -313,7 +313,7 @@ def parse_args(argv=None):
     p.add_argument("--passkey-configs", type=parse_configs,
                    help="run passkeys only for these selections (same syntax; default: all)")
     p.add_argument("--query-stride", type=int, default=SparseConfig.query_stride)
-    p.add_argument("--taper-from", type=lambda x: None if x.lower() == "none" else int(x),
+    p.add_argument("--taper-from", type=common.int_or_none,
                    default=SparseConfig.taper_from, help="SparseConfig.taper_from ('none' for no taper)")
     p.add_argument("--block-size", type=int, default=128, help="sparse block size (128: the GPU's)")
     p.add_argument("--passkeys", type=int, default=20, help="passkey cases per length (0 to skip)")
