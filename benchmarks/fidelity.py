@@ -241,14 +241,14 @@ def evaluate(args, tokenizer, text_ids, device, progress) -> list[dict]:
             ref = dense_reference(args, model, tokenizer, text_ids, n, device, progress.scoped(f"dense N={n}"))
             seen = set()
             for cfg in selections(args):
-                if same_blocks(cfg, n) in seen:  # an untapered twin below taper_from, say
-                    progress(f"N={n}: {label(cfg, args)} keeps the blocks of a config run above; skipped")
+                name, blocks = label(cfg, args), same_blocks(cfg, n)
+                if blocks in seen:  # an untapered twin below taper_from, say
+                    progress(f"N={n}: {name} keeps the blocks of a config run above; skipped")
                     continue
-                seen.add(same_blocks(cfg, n))
-                say = progress.scoped(f"{label(cfg, args)} N={n}")
-                pattern, _, overrides = spec_of(cfg, args)
-                rows.append(evaluate_config(args, model, tokenizer, text_ids, ref, cfg, n, device, say)
-                            | {"config": label(cfg, args), "family": pattern.value + common.overrides_label(overrides)})
+                seen.add(blocks)
+                family = cfg.pattern.value + common.overrides_label(spec_of(cfg, args)[2])  # name less density
+                rows.append(evaluate_config(args, model, tokenizer, text_ids, ref, cfg, n, device,
+                                            progress.scoped(f"{name} N={n}")) | {"config": name, "family": family})
             del ref
         del model
         common.free_memory(device)
