@@ -69,7 +69,7 @@ def top_kernels(fn, device, count: int) -> list[dict]:
 
 def profiled_config(args) -> SparseConfig:
     return SparseConfig(density=args.density, block_size=args.block_size, min_seq_len=0, pattern=args.pattern,
-                        taper_from=None, search_head_budgets=args.search_head_budgets)
+                        taper_from=None, query_stride=args.query_stride, search_head_budgets=args.search_head_budgets)
 
 
 def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[dict], list[dict]]:
@@ -119,6 +119,7 @@ def parse_args(argv=None):
                                      f"CPU: {attention.CPU_SHAPE['lengths']})")
     p.add_argument("--density", type=float, default=SparseConfig.density)
     common.add_pattern_argument(p)
+    p.add_argument("--query-stride", type=int, default=SparseConfig.query_stride, help="strided_query's sample stride")
     p.add_argument("--block-size", type=int, help="sparse block size (CUDA: 128, CPU: 32)")
     p.add_argument("--search-head-budgets", action="store_true", help="profile SparseConfig.search_head_budgets")
     p.add_argument("--top", type=int, default=12, help="kernels listed per length")

@@ -30,7 +30,7 @@ def _strided_mass_kernel(Q, K, VALID, SCRATCH, OUT, sqb, sqh, sqn, skb, skh, skn
                          N, NB, G, qb_first, scale2,
                          HG: tl.constexpr, HGP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
                          QBT: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                         STRIDE: tl.constexpr, KBT: tl.constexpr, HAS_VALID: tl.constexpr):
+                         STRIDE: tl.constexpr, KBT: tl.constexpr, HAS_VALID: tl.constexpr, SPLIT: tl.constexpr):
     ROWS: tl.constexpr = HGP * RP  # rows of one query block
     M: tl.constexpr = QBT * ROWS
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows start first
@@ -51,7 +51,21 @@ def _strided_mass_kernel(Q, K, VALID, SCRATCH, OUT, sqb, sqh, sqn, skb, skh, skn
     q = (q.to(tl.float32) * scale2).to(Q.dtype.element_ty)  # scaled first: fp16 logits stay finite
     scratch = SCRATCH + (pid_bg * tl.num_programs(0) + tile).to(tl.int64) * NB * M
     keys0 = tl.arange(0, BLOCK)
-    for kb in range(0, qb_last + 1):  # pass 1: each key block's log-sum-exp, per row
+    # Pass 1: each key block's log-sum-exp, per row. Key blocks before the program's first
+    # query block are visible to every row (no causal mask, no bound check); only the
+    # QBT diagonal blocks are masked.
+    for kb in range(0, qb0 if SPLIT else 0):
+        keys = kb * BLOCK + keys0
+        k = tl.load(K + b * skb + g * skh + keys[:, None] * skn + d[None, :], mask=d[None, :] < D, other=0.0)
+        s = tl.dot(q, tl.trans(k))
+        if HAS_VALID:
+            s = tl.where((tl.load(VALID + b * svb + keys) != 0)[None, :], s, float("-inf"))
+        peak = tl.max(s, 1)
+        if HAS_VALID:
+            peak = tl.where(peak == float("-inf"), 0.0, peak)
+        total = tl.sum(tl.exp2(s - peak[:, None]), 1)
+        tl.store(scratch + kb * M + m, peak + tl.log2(total))
+    for kb in range(qb0 if SPLIT else 0, qb_last + 1):
         keys = kb * BLOCK + keys0
         k = tl.load(K + b * skb + g * skh + keys[:, None] * skn + d[None, :],
                     mask=(keys[:, None] < N) & (d[None, :] < D), other=0.0)
@@ -93,21 +107,25 @@ def _strided_mass_kernel(Q, K, VALID, SCRATCH, OUT, sqb, sqh, sqn, skb, skh, skn
         tl.store(out_ptr, mass, mask=keep)
 
 
-def launch_shape(heads_per_group: int, samples: int) -> tuple[int, int, int, int]:
+def launch_shape(heads_per_group: int, samples: int, target_rows: int = _TARGET_ROWS) -> tuple[int, int, int, int]:
     """``(HGP, RP, QBT, num_warps)``: padded heads and samples per block, query blocks per program."""
     HGP = triton.next_power_of_2(heads_per_group)
     RP = max(triton.next_power_of_2(samples), 16 // HGP)  # tl.dot wants at least 16 rows
-    QBT = max(1, _TARGET_ROWS // (HGP * RP))
+    QBT = max(1, target_rows // (HGP * RP))
     return HGP, RP, QBT, 8 if QBT * HGP * RP >= 128 else 4
 
 
 def strided_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, kv_valid_BN: torch.Tensor | None,
-                            block_size: int, stride: int, scale: float) -> torch.Tensor:
-    """:func:`~sa_compile.templates.strided_query.strided_block_mass_reference` on CUDA, fused."""
+                            block_size: int, stride: int, scale: float, *, target_rows: int = _TARGET_ROWS,
+                            num_warps: int | None = None, num_stages: int = 2, split: bool = True) -> torch.Tensor:
+    """:func:`~sa_compile.templates.strided_query.strided_block_mass_reference` on CUDA, fused.
+
+    The keywords are launch choices (``benchmarks/experiments/strided_kernel_launch.py`` times
+    them); the defaults are the measured best. ``split=False`` masks every key tile."""
     B, H, N, D = q_BHND.shape
     G = k_BGND.shape[1]
     HG, R = H // G, block_size // stride
-    HGP, RP, QBT, num_warps = launch_shape(HG, R)
+    HGP, RP, QBT, default_warps = launch_shape(HG, R, target_rows)
     nb = triton.cdiv(N, block_size)
     q_BHND, k_BGND = q_BHND.contiguous(), k_BGND.contiguous()
     out_BHQK = torch.zeros(B, H, nb, nb, device=q_BHND.device, dtype=torch.float32)
@@ -122,6 +140,7 @@ def strided_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, kv_valid
             k_BGND.stride(0), k_BGND.stride(1), k_BGND.stride(2), valid.stride(0),
             out_BHQK.stride(0), out_BHQK.stride(1), out_BHQK.stride(2), N, nb, G, first, scale * math.log2(math.e),
             HG=HG, HGP=HGP, R=R, RP=RP, QBT=QBT, BLOCK=block_size, D=D, DP=triton.next_power_of_2(D),
-            STRIDE=stride, KBT=32, HAS_VALID=kv_valid_BN is not None, num_warps=num_warps, num_stages=2,
+            STRIDE=stride, KBT=32, HAS_VALID=kv_valid_BN is not None, SPLIT=split,
+            num_warps=num_warps or default_warps, num_stages=num_stages,
         )
     return out_BHQK
