@@ -80,7 +80,7 @@ class SparseConfig:
     taper_from: int | None = 32768
     last_q: int = 64
     pattern: PatternKind = PatternKind.STRIDED_QUERY
-    query_stride: int = 16
+    query_stride: int = 8
     search_head_budgets: bool = False
     patterns: str | None = None
 

@@ -159,13 +159,13 @@ def test_yarn_factor_by_length_and_configs_parse():
 
 def test_config_overrides_parse_label_and_twins_below_the_taper():
     args = fidelity.parse_args(["--configs", "strided_query:0.3,strided_query:0.3:taper_from=none,"
-                                             "strided_query:0.2:query_stride=8",
-                                "--passkey-configs", "strided_query:0.2:query_stride=8", "--device", "cpu"])
+                                             "strided_query:0.2:query_stride=16",
+                                "--passkey-configs", "strided_query:0.2:query_stride=16", "--device", "cpu"])
     configs = fidelity.selections(args)
-    assert [(c.density, c.query_stride, c.taper_from) for c in configs] == [(0.3, 16, 32768), (0.3, 16, None),
-                                                                            (0.2, 8, 32768)]
+    assert [(c.density, c.query_stride, c.taper_from) for c in configs] == [(0.3, 8, 32768), (0.3, 8, None),
+                                                                            (0.2, 16, 32768)]
     assert [fidelity.label(c, args) for c in configs] == [
-        "strided_query:0.3", "strided_query:0.3:taper_from=none", "strided_query:0.2:query_stride=8"]
+        "strided_query:0.3", "strided_query:0.3:taper_from=none", "strided_query:0.2:query_stride=16"]
     assert [fidelity.wants_passkeys(args, c) for c in configs] == [False, False, True]
     # Below taper_from the untapered twin keeps the same blocks; past it, fewer are kept.
     assert fidelity.same_blocks(configs[0], 32768) == fidelity.same_blocks(configs[1], 32768)
