@@ -63,15 +63,19 @@ def frontier_rows(fidelity: dict, ttft: dict) -> list[dict]:
     return sorted(rows, key=lambda r: (r["seq_len"], r["computed"], r["config"]))
 
 
+def _fmt(value, spec: str, unit: str = "") -> str:
+    return "-" if value is None else format(value, spec) + unit
+
+
 def table(rows: list[dict]) -> str:
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    lines = ["| N | selection | computed | ppl vs dense | top-1 | KL | oracle KL | KL ratio | passkeys | TTFT speedup |",
+    lines = ["| N | selection | computed | ppl vs dense | top-1 | KL | oracle KL | KL ratio | passkeys "
+             "| TTFT speedup |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         ratio = r["kl"] / r["oracle_kl"] if r["oracle_kl"] else None
         lines.append(f"| {common.length_label(r['seq_len'])} | {r['config']} | {r['computed']:.3f} | "
-                     f"{r['ppl_change']:+.2%} | {r['top1']:.3f} | {r['kl']:.4f} | {fmt(r['oracle_kl'], '.4f')} | "
-                     f"{fmt(ratio, '.2f')} | {r['passkeys']} | {fmt(r['speedup'], '.2f')}{'' if r['speedup'] is None else 'x'} |")
+                     f"{r['ppl_change']:+.2%} | {r['top1']:.3f} | {r['kl']:.4f} | {_fmt(r['oracle_kl'], '.4f')} | "
+                     f"{_fmt(ratio, '.2f')} | {r['passkeys']} | {_fmt(r['speedup'], '.2f', 'x')} |")
     return "\n".join(lines)
 
 
@@ -94,8 +98,8 @@ def plot(path: Path, rows: list[dict], title: str) -> bool:
             ax.annotate(r["config"].replace("strided_query:", ""), (r["speedup"], r["kl"]), fontsize=7)
             if r["oracle_kl"] is not None:
                 ax.scatter(r["speedup"], r["oracle_kl"], color="C1", marker="x")
-        ax.set(title=f"{common.length_label(n)}: search (dot), oracle at equal cost (x)", xlabel="TTFT speedup over eager",
-               ylabel="KL(dense || sparse)")
+        ax.set(title=f"{common.length_label(n)}: search (dot), oracle at equal cost (x)",
+               xlabel="TTFT speedup over eager", ylabel="KL(dense || sparse)")
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -36,7 +36,8 @@ def test_rows_join_on_the_whole_selection_and_unmatched_ones_show_a_dash(tmp_pat
     assert rows["strided_query:0.3:query_stride=16"]["speedup"] == 1.43
     assert rows["strided_query:0.3:query_stride=8:taper_from=none"]["speedup"] is None  # not timed
     text = frontier.table(list(rows.values()))
-    assert "| 32k | strided_query:0.3:query_stride=8 | 0.300 | +1.00% | 0.900 | 0.0300 | 0.0150 | 2.00 | 2/1 | 1.33x |" in text
+    assert ("| 32k | strided_query:0.3:query_stride=8 | 0.300 | +1.00% | 0.900 | 0.0300 | 0.0150 | 2.00 | 2/1 "
+            "| 1.33x |") in text
     (tmp_path / "f.json").write_text(json.dumps(fidelity))
     (tmp_path / "t.json").write_text(json.dumps(ttft))
     frontier.main(["--fidelity", str(tmp_path / "f.json"), "--ttft", str(tmp_path / "t.json"), "--out", str(tmp_path)])
