@@ -7,7 +7,7 @@ head computes ``K*nb - K*(K-1)/2`` blocks. Example::
 
     >>> cost = attention_cost(32768, SparseConfig(density=0.1), heads=32, head_dim=128)
     >>> round(cost["kernel_fraction"], 3), round(cost["search_fraction"], 4)
-    (0.099, 0.0311)
+    (0.099, 0.0623)
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def test_search_flops():
     (PatternKind.VERTICAL_SLASH, 2 * 64 * 32768 + 2 * 256 * 512),
     (PatternKind.BLOCK_SPARSE, 2 * 256**2),
     (PatternKind.BLOCK_QUERY, 2 * 256 * 32768),
-    (PatternKind.STRIDED_QUERY, 256 * (128 // 16) * 32768),  # 8 sampled queries a block, ~N/2 keys each, 2 FLOPs
+    (PatternKind.STRIDED_QUERY, 256 * (128 // 8) * 32768),  # 16 sampled queries a block, ~N/2 keys each, 2 FLOPs
     (PatternKind.LOCAL, 0),
 ])
 def test_search_flops_follow_the_pattern(pattern, per_head):
