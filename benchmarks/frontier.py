@@ -36,9 +36,12 @@ def ttft_by_selection(record: dict) -> dict:
 
 
 def selection_label(row: dict) -> str:
-    """The selection spelled in full (stride and taper too), whatever the run's defaults were."""
-    taper = "" if row["taper_from"] == SparseConfig.taper_from else f":taper_from={row['taper_from'] or 'none'}"
-    return f"{row['pattern']}:{row['density']:g}:query_stride={row['query_stride']}{taper}"
+    """The selection spelled in full (its stride always, its taper where not the default),
+    whatever the run's defaults were."""
+    overrides = {"query_stride": row["query_stride"]}
+    if row["taper_from"] != SparseConfig.taper_from:
+        overrides["taper_from"] = row["taper_from"]
+    return f"{row['pattern']}:{row['density']:g}{common.overrides_label(overrides)}"
 
 
 def passkeys(row: dict) -> str:
