@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from sa_compile.eligibility import sizes_equal
+
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
@@ -46,11 +48,6 @@ def example_value(node: Any) -> Any:
     if isinstance(node, Node):
         return node.meta.get("example_value", node.meta.get("val"))
     return node
-
-
-def sizes_equal(a, b) -> bool:
-    """True only when two (possibly symbolic) sizes are provably equal."""
-    return bool(statically_known_true(a == b))
 
 
 def surely_non_contiguous(t: torch.Tensor) -> bool:

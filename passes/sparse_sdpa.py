@@ -2,31 +2,25 @@
 
 Signature ``(gm, example_inputs, *, config) -> gm``. Every SDPA node is either rewritten
 or left exactly as it was; both outcomes are counted in
-``torch._dynamo.utils.counters["sa_compile"]`` and each skip reason is logged once.
+``torch._dynamo.utils.counters["sa_compile"]``, per call of the compiled graph, and each
+skip reason is logged (:mod:`sa_compile.eligibility` decides and words it).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
-from torch._dynamo.utils import counters
 from torch.fx import GraphModule, Node
 
-from sa_compile._log import count_skip, log
+from sa_compile import eligibility
 from sa_compile.config import SparseConfig
 from sa_compile.patterns import PatternTable, load_table
 from sa_compile.sparse_op import rewritten_sdpa
 
 from .causal_mask import CausalMask, prove_causal
-from .matchers import example_value, is_sdpa, parse_sdpa, sizes_equal, surely_non_contiguous, unrepeat_kv
-
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
-# Triton's FlexAttention kernel tiles queries by up to 128 and needs sparse blocks it divides
-# (smaller blocks fail in the lowering: measured on an H100, torch 2.11).
-_MIN_GPU_BLOCK = 128
-
+from .matchers import example_value, is_sdpa, parse_sdpa, surely_non_contiguous, unrepeat_kv
 
 @dataclass
 class _Plan:
@@ -35,22 +29,6 @@ class _Plan:
     value: Node
     padding: Node | None
     scale: object
-
-
-def shape_reason(q, k, v) -> str | None:
-    """Why query, key and value of one attention call cannot take the sparse op, or None."""
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
-        return "inputs are not 4-D tensors"
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _SUPPORTED_DTYPES:
-        return f"unsupported dtype {q.dtype}"
-    if not sizes_equal(q.shape[-2], k.shape[-2]):
-        return "query length differs from key length (decode step or cross attention)"
-    head_dims = {q.shape[-1], k.shape[-1], v.shape[-1]}
-    if len(head_dims) != 1 or q.shape[-1] not in _SUPPORTED_HEAD_DIMS:
-        return f"unsupported head dim {sorted(map(str, head_dims))}"
-    if not (sizes_equal(q.shape[1] % k.shape[1], 0) and sizes_equal(q.shape[0], k.shape[0])):
-        return "query heads are not a multiple of key heads"
-    return None
 
 
 def _cpu_buffer_reason(q, k) -> str | None:
@@ -67,7 +45,7 @@ def _cpu_buffer_reason(q, k) -> str | None:
 
 def _causality(gm, call, seq_len) -> CausalMask | str:
     if call.attn_mask is None:
-        return CausalMask(padding=None) if call.is_causal is True else "attention is not causal"
+        return CausalMask(padding=None) if call.is_causal is True else eligibility.NOT_CAUSAL
     if call.is_causal is not False:
         return "both a mask and is_causal are given"
     if not isinstance(call.attn_mask, Node):
@@ -78,36 +56,25 @@ def _causality(gm, call, seq_len) -> CausalMask | str:
 def plan_rewrite(gm: GraphModule, node: Node, config: SparseConfig, on_cpu: bool) -> _Plan | str:
     """Decide whether one SDPA node can run sparse; return the plan or the reason it cannot."""
     call = parse_sdpa(node)
-    if not (isinstance(call.dropout_p, (int, float)) and call.dropout_p == 0):
-        return "dropout is not zero"
     q, k, v = (example_value(n) for n in (call.query, call.key, call.value))
-    reason = shape_reason(q, k, v)
+    reason = (eligibility.call_reason(call.dropout_p, True)
+              or eligibility.tensor_reason(config, q, k, v, on_cpu=on_cpu)
+              or (on_cpu and _cpu_buffer_reason(q, example_value(unrepeat_kv(call.key)))))
     if reason:
         return reason
-    if any(t.requires_grad for t in (q, k, v)):
-        # The BlockMask is built without the backward's transposed (q-block) indices.
-        return "graph needs gradients (training)"
     seq_len = q.shape[-2]
-    if not on_cpu and config.block_size < _MIN_GPU_BLOCK:
-        return f"block_size {config.block_size} is below the GPU FlexAttention tile ({_MIN_GPU_BLOCK})"
-    if isinstance(seq_len, int) and seq_len < config.min_seq_len:
-        return "prompt shorter than min_seq_len"
-    if on_cpu and (reason := _cpu_buffer_reason(q, example_value(unrepeat_kv(call.key)))):
-        return reason
     causal = _causality(gm, call, seq_len)
     if isinstance(causal, str):
         return causal
-    if causal.padding is not None and on_cpu:
-        # Inductor's CPU flex template cannot read a mask buffer under dynamic shapes, nor a
-        # bool one; CUDA's can. Dense SDPA stays exact there.
-        if not isinstance(seq_len, int):
-            return "key padding with dynamic shapes on CPU"
-        if example_value(causal.padding).dtype == torch.bool:
-            return "boolean key-padding mask on CPU"
-    if not isinstance(seq_len, int) and seq_len < config.min_seq_len:
+    if causal.padding is not None:
+        reason = eligibility.padding_reason(on_cpu=on_cpu, dynamic=not isinstance(seq_len, int),
+                                            boolean=example_value(causal.padding).dtype == torch.bool)
+        if reason:
+            return reason
+    if not isinstance(seq_len, int) and eligibility.length_reason(seq_len, config):
         # A guard on the symbolic length, the one the op's own length test would add: this
         # graph serves only prompts below min_seq_len, so it keeps SDPA, counted as skipped.
-        return "prompt shorter than min_seq_len"
+        return eligibility.SHORT
     return _Plan(call.query, unrepeat_kv(call.key), unrepeat_kv(call.value), causal.padding, call.scale)
 
 
@@ -133,6 +100,19 @@ def _contiguous(gm: GraphModule, node: Node) -> Node:
     return copy
 
 
+def _prompt_padding(gm: GraphModule, plan: _Plan) -> Node | None:
+    """The key padding of the prompt's keys: a dynamic graph may hold an ``attention_mask``
+    whose length is a symbol of its own, proven to be read only up to the prompt's length."""
+    q, padding = example_value(plan.query), example_value(plan.padding)
+    if plan.padding is None or eligibility.sizes_equal(padding.shape[1], q.shape[-2]):
+        return plan.padding
+    length = gm.graph.call_method("size", (plan.query, 2))
+    length.meta["example_value"] = q.shape[-2]
+    prompt = gm.graph.call_method("narrow", (plan.padding, 1, 0, length))
+    prompt.meta["example_value"] = padding.narrow(1, 0, q.shape[-2])
+    return prompt
+
+
 def _rewrite(gm: GraphModule, node: Node, plan: _Plan, config: SparseConfig, head_pattern: dict | None,
              on_cpu: bool) -> None:
     old_inputs = node.all_input_nodes
@@ -143,7 +123,7 @@ def _rewrite(gm: GraphModule, node: Node, plan: _Plan, config: SparseConfig, hea
             # for tensors already contiguous.
             query, key = (_contiguous(gm, x) for x in (query, key))
         new = gm.graph.call_function(
-            rewritten_sdpa, (query, key, plan.value, plan.padding, plan.scale),
+            rewritten_sdpa, (query, key, plan.value, _prompt_padding(gm, plan), plan.scale),
             {**config.describe(), "head_pattern": head_pattern},
         )
     new.meta.update(node.meta)
@@ -183,26 +163,29 @@ def sparse_sdpa_pass(gm: GraphModule, example_inputs, *, config: SparseConfig) -
     """Rewrite each provably causal self-attention SDPA into ``rewritten_sdpa``.
 
     With ``config.patterns``, the i-th SDPA node of the graph is layer i of the table and
-    gets that layer's per-head kinds and budgets."""
-    on_cpu = not any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in example_inputs)
+    gets that layer's per-head kinds and budgets. What each call of the graph will run
+    (``rewritten``, ``skipped: <reason>``) is left in ``gm.meta["sa_compile"]``, a Counter
+    the backend adds to ``counters["sa_compile"]`` at every call of the compiled graph."""
+    on_cpu = eligibility.on_cpu(example_inputs)
     nodes = [n for n in gm.graph.nodes if is_sdpa(n)]
     table = None
     if config.patterns is not None and nodes:
         table = load_table(config.patterns)
         _check_table(table, nodes, config)
-    rewritten = 0
+    tally = Counter()
     for layer, node in enumerate(nodes):
         plan = plan_rewrite(gm, node, config, on_cpu)
         if isinstance(plan, str):
-            count_skip(plan)
+            eligibility.tally_dense(tally, plan)
+            eligibility.log_dense(plan)
             continue
         _rewrite(gm, node, plan, config, None if table is None else table.layer_fields(layer), on_cpu)
-        rewritten += 1
-        counters["sa_compile"]["rewritten"] += 1
-    nested = _nested_sdpa_nodes(gm)
-    for _ in nested:
-        count_skip("inside a higher-order op subgraph (activation checkpointing, cond, ...)")
+        tally["rewritten"] += 1
+    for _ in _nested_sdpa_nodes(gm):
+        eligibility.tally_dense(tally, eligibility.NESTED)
+        eligibility.log_dense(eligibility.NESTED)
     gm.recompile()
-    total = len(nodes) + len(nested)
-    log.info("sa_compile: rewrote %d of %d SDPA nodes; skipped %d", rewritten, total, total - rewritten)
+    gm.meta["sa_compile"] = tally
+    eligibility.log.info("sa_compile: rewrote %d of %d SDPA nodes; skipped %d", tally["rewritten"],
+                         tally["rewritten"] + tally["skipped"], tally["skipped"])
     return gm

@@ -1,6 +1,7 @@
 """sa_compile: dynamic per-head sparse attention for long-context prefill, as a torch.compile backend.
 
-    model.compile(backend=sa_compile.backend)                    # then model(...) or model.generate(...)
+    sa_compile.sparsify_(model)                                  # then model(...) or model.generate(...)
+    model.compile(backend=sa_compile.backend)                    # the same, spelled out
     model.compile(backend=sa_compile.make_backend(sa_compile.SparseConfig(density=0.05)))
     sa_compile.register()                                        # or: attn_implementation="sa_compile"
 
@@ -20,6 +21,7 @@ _EXPORTS = {
     "register": "sa_compile.hf_attention",
     "SparseConfig": "sa_compile.config",
     "sparse_attention": "sa_compile.sparse_op",
+    "sparsify_": "sa_compile.sparsify",
     "tensor_parallel": "sa_compile.distributed",
 }
 __all__ = sorted(_EXPORTS)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import torch
 from torch._dynamo.utils import counters
 from torch._inductor.compile_fx import compile_fx
 
 from .config import SparseConfig
-
-
-def _on_cpu(example_inputs) -> bool:
-    return not any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in example_inputs)
+from . import eligibility
 
 
 def inductor_options(mode: str | None = None, options: dict | None = None, *, on_cpu: bool = False) -> dict:
@@ -57,23 +57,64 @@ def inductor(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = Non
 
         attn = torch.compile(sa_compile.sparse_attention, backend=inductor, dynamic=True)
     """
-    patches = inductor_options(mode, options, on_cpu=_on_cpu(example_inputs))
+    patches = inductor_options(mode, options, on_cpu=eligibility.on_cpu(example_inputs))
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
-def make_backend(config: SparseConfig | None = None):
-    """A torch.compile backend that runs causal attention sparse under ``config``.
+try:  # Dynamo re-raises these as they are; it wraps anything else a backend raises
+    from torch._dynamo.exc import ShortenTraceback as _PassedThrough
+except ImportError:  # pragma: no cover
+    _PassedThrough = Exception
 
-    It takes torch.compile's ``mode`` and ``options`` and hands them to Inductor for its
-    compiles only (see :func:`inductor_options`). Example::
 
-        cfg = SparseConfig(density=0.05)
-        model = torch.compile(model, backend=make_backend(cfg), mode="max-autotune-no-cudagraphs")
+class OptionError(_PassedThrough, ValueError):
+    """A bad ``options`` entry or SparseConfig field, raised from inside torch.compile.
+
+    Dynamo wraps what a backend raises in a ``BackendCompilerFailed`` wall of its own frames;
+    an exception of its ``ShortenTraceback`` kind reaches the user as raised. This one is a
+    ``ValueError`` too, so ``except ValueError`` catches it."""
+
+    def __init__(self, message: str, frame=None):
+        try:  # the traceback shown starts at ``frame``, the backend's, not deep in Dynamo
+            super().__init__(message, first_useful_frame=frame)
+        except TypeError:  # pragma: no cover - a plain Exception base
+            super().__init__(message)
+
+
+def split_options(options: dict | None) -> tuple[dict, dict]:
+    """``torch.compile``'s ``options`` split into SparseConfig fields and Inductor options.
+
+    Raises ``ValueError`` listing the valid fields for a name that is neither. Example::
+
+        split_options({"density": 0.1, "max_autotune": True})   # ({'density': 0.1}, {'max_autotune': True})
     """
-    if config is None:
-        config = SparseConfig()
-    if not isinstance(config, SparseConfig):
-        raise ValueError(f"make_backend expects a SparseConfig, got {type(config).__name__}")
+    from torch._inductor import config as inductor_config
+
+    fields = {f.name for f in dataclasses.fields(SparseConfig)}
+    known = inductor_config.get_config_copy()
+    sparse, other = {}, {}
+    for key, value in (options or {}).items():
+        name = key.replace("-", "_") if isinstance(key, str) else key
+        if name in fields:
+            sparse[name] = value
+        elif name in known:
+            other[key] = value
+        else:
+            raise ValueError(f"torch.compile option {key!r} is neither a SparseConfig field ({', '.join(sorted(fields))}) "
+                             f"nor an Inductor option (torch._inductor.list_options() lists those)")
+    return sparse, other
+
+
+def configured(config: SparseConfig, fields: dict) -> SparseConfig:
+    """``config`` with ``fields`` replaced, checked: a bad value raises SparseConfig's ``ValueError``."""
+    if not fields:
+        return config
+    config = dataclasses.replace(config, **fields)
+    _check_table(config)
+    return config
+
+
+def _check_table(config: SparseConfig) -> None:
     if config.patterns is not None:
         from .patterns import load_table
 
@@ -82,21 +123,53 @@ def make_backend(config: SparseConfig | None = None):
             raise ValueError(f"SparseConfig.block_size={config.block_size} differs from the pattern table's "
                              f"block_size={table.block_size} ({config.patterns!r})")
 
+
+def _counting(compiled_fn, tally):
+    """``compiled_fn``, adding the graph's outcomes to ``counters["sa_compile"]`` at every call:
+    under both entry points the counters count attention calls."""
+    if not tally:
+        return compiled_fn
+
+    def counted(*args):
+        totals = counters["sa_compile"]
+        for key, count in tally.items():
+            totals[key] += count
+        return compiled_fn(*args)
+
+    counted._boxed_call = getattr(compiled_fn, "_boxed_call", False)  # Inductor's takes its inputs as one list
+    return counted
+
+
+def make_backend(config: SparseConfig | None = None):
+    """A torch.compile backend that runs causal attention sparse under ``config``.
+
+    It takes torch.compile's ``mode`` and ``options``: SparseConfig field names in ``options``
+    override ``config``, the rest go to Inductor for its compiles only (see
+    :func:`inductor_options`). A name that is neither raises ``ValueError`` listing the fields.
+    Example::
+
+        model.compile(backend=make_backend(SparseConfig(density=0.05)), mode="max-autotune-no-cudagraphs")
+        model.compile(backend="sa_compile", options={"density": 0.05, "min_seq_len": 4096})
+    """
+    if config is None:
+        config = SparseConfig()
+    if not isinstance(config, SparseConfig):
+        raise ValueError(f"make_backend expects a SparseConfig, got {type(config).__name__}")
+    _check_table(config)
+
     def sa_compile_backend(gm: torch.fx.GraphModule, example_inputs, *, mode=None, options=None):
         from sa_compile.passes import run_passes
 
-        patches = inductor_options(mode, options, on_cpu=_on_cpu(example_inputs))  # checked before any rewrite
-        counted = counters["sa_compile"].copy()
-        try:
-            gm = run_passes(gm, example_inputs, config=config)
-            return compile_fx(gm, example_inputs, config_patches=patches)
-        except BaseException:
-            # A compile that does not finish serves no call. Dynamo also restarts its trace
-            # from inside compile_fx (under dynamic=True) and hands the backend the same
-            # graph again: the abandoned attempt's counts would count every SDPA twice.
-            counters["sa_compile"].clear()
-            counters["sa_compile"].update(counted)
-            raise
+        try:  # checked before any rewrite
+            fields, rest = split_options(options)
+            graph_config = configured(config, fields)
+            patches = inductor_options(mode, rest, on_cpu=eligibility.on_cpu(example_inputs))
+        except ValueError as error:
+            raise OptionError(str(error), inspect.currentframe()) from None
+        gm = run_passes(gm, example_inputs, config=graph_config)
+        tally = gm.meta.get("sa_compile")
+        # Counted per call, so a compile Dynamo abandons and restarts (as under dynamic=True) counts nothing.
+        return _counting(compile_fx(gm, example_inputs, config_patches=patches), tally)
 
     sa_compile_backend.config = config
     return sa_compile_backend

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch._dynamo.utils import counters
 
-from ._log import count_skip
+from . import eligibility
 from .config import SparseConfig
 
 
@@ -91,35 +91,22 @@ def _keys_for_prefill(query, key, value, attention_mask):
 
 def _argument_reason(module, dropout, is_causal, kwargs) -> str | None:
     if kwargs.get("softcap") is not None:
-        return "logit softcapping"
+        return eligibility.SOFTCAP
     if kwargs.get("position_bias") is not None:
-        return "position bias"
-    if not (isinstance(dropout, (int, float)) and dropout == 0):
-        return "dropout is not zero"
-    if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
-        return "attention is not causal"
-    return None
+        return eligibility.POSITION_BIAS
+    return eligibility.call_reason(dropout, is_causal if is_causal is not None else getattr(module, "is_causal", True))
 
 
-def _prefill_reason(config: SparseConfig, query, key, value, attention_mask, kwargs) -> str | None:
-    from sa_compile.passes.sparse_sdpa import _MIN_GPU_BLOCK
-
-    n = query.shape[-2]
+def _mask_reason(config: SparseConfig, query, attention_mask, kwargs) -> str | None:
     window = kwargs.get("sliding_window")
-    if window is not None and n > window:
-        return "sliding window shorter than the prompt"
-    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
-        return "mask is not plain causal"  # transformers built a full mask: packing, a custom pattern
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):  # LoRA on v_proj, say
-        return "gradients are enabled (the sparse op has no backward)"
-    if n < config.min_seq_len:
-        return "prompt shorter than min_seq_len"
-    if query.device.type != "cpu" and config.block_size < _MIN_GPU_BLOCK:
-        return f"block_size {config.block_size} is below the GPU FlexAttention tile ({_MIN_GPU_BLOCK})"
-    if attention_mask is not None and query.device.type == "cpu":
-        # Inductor's CPU flex template cannot read a mask buffer under dynamic shapes.
-        return "key padding with dynamic shapes on CPU"
-    return None
+    if window is not None and query.shape[-2] > window:
+        return eligibility.SLIDING_WINDOW
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return eligibility.FULL_MASK  # transformers built a full mask: packing, a custom pattern
+    # The compiled prefill has dynamic shapes.
+    return eligibility.padding_reason(on_cpu=eligibility.on_cpu((query,)), dynamic=True, boolean=True)
 
 
 def plan_call(config: SparseConfig, module, query, key, value, attention_mask, dropout=0.0, is_causal=None,
@@ -130,11 +117,10 @@ def plan_call(config: SparseConfig, module, query, key, value, attention_mask, d
 
         plan_call(SparseConfig(), module, q_BHND[:, :, -1:], k_BGND, v_BGND, None)   # 'query length differs ...'
     """
-    from sa_compile.passes.sparse_sdpa import shape_reason
-
     key, value = _keys_for_prefill(query, key, value, attention_mask)
-    reason = (_argument_reason(module, dropout, is_causal, kwargs) or shape_reason(query, key, value)
-              or _prefill_reason(config, query, key, value, attention_mask, kwargs))
+    reason = (_argument_reason(module, dropout, is_causal, kwargs)
+              or eligibility.tensor_reason(config, query, key, value, on_cpu=eligibility.on_cpu((query,)))
+              or _mask_reason(config, query, attention_mask, kwargs))
     return reason if reason else (key, value, attention_mask)
 
 
@@ -186,7 +172,7 @@ def make_attention(config: SparseConfig | None = None):
                              **kwargs):
         plan = plan_call(config, module, query, key, value, attention_mask, dropout, is_causal, **kwargs)
         if isinstance(plan, str):
-            count_skip(plan)
+            eligibility.count_dense(plan)
             return dense_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
         key, value, kv_valid_BN = plan
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)

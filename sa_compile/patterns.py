@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import PatternKind
+from .eligibility import BLOCK_SIZES, is_int
 from .selection import blocks_per_row, causal_block_count, grid_cost
 
 FORMAT = "sa_compile.patterns"
@@ -37,7 +38,6 @@ VERSION = 1
 # search first, so it breaks ties in this order.
 KINDS = tuple(kind.value for kind in (PatternKind.LOCAL, PatternKind.VERTICAL_SLASH, PatternKind.BLOCK_SPARSE,
                                       PatternKind.AUTO))
-_BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -155,10 +155,6 @@ def _as_tuple(value, name: str) -> tuple:
     return tuple(value)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _require(ok: bool, name: str, expected: str, got=None) -> None:
     if not ok:
         raise ValueError(f"pattern table: {name} is invalid: expected {expected}" +
@@ -169,14 +165,14 @@ def _validate(table: PatternTable) -> None:
     m = table.model
     _require(isinstance(m.id, str), "model.id", "a string", m.id)
     for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
-        _require(_is_int(getattr(m, name)) and getattr(m, name) >= 1, f"model.{name}", "an integer >= 1",
+        _require(is_int(getattr(m, name)) and getattr(m, name) >= 1, f"model.{name}", "an integer >= 1",
                  getattr(m, name))
     _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", f"a divisor of num_heads={m.num_heads}",
              m.num_kv_heads)
-    _require(table.block_size in _BLOCK_SIZES, "block_size", f"one of {_BLOCK_SIZES}", table.block_size)
+    _require(table.block_size in BLOCK_SIZES, "block_size", f"one of {BLOCK_SIZES}", table.block_size)
     _require(isinstance(table.target, (int, float)) and 0 < table.target <= 1, "target", "a number in (0, 1]",
              table.target)
-    _require(_is_int(table.reference_len) and table.reference_len >= table.block_size, "reference_len",
+    _require(is_int(table.reference_len) and table.reference_len >= table.block_size, "reference_len",
              f"an integer >= block_size={table.block_size}", table.reference_len)
     _require(isinstance(table.taper, bool), "taper", "true or false", table.taper)
     for name, rows in (("kind", table.kinds), ("density", table.densities)):

@@ -71,6 +71,6 @@ def test_options_it_cannot_honour_raise_value_error_naming_them(mode, options, n
     with pytest.raises(ValueError, match=named):
         sa_compile.backend(gm, list(_inputs()), mode=mode, options=options)
     compiled = torch.compile(_causal, backend=sa_compile.backend, mode=mode, options=options)
-    with pytest.raises(Exception, match=f"ValueError: .*{named}"):  # Dynamo wraps it in BackendCompilerFailed
+    with pytest.raises(ValueError, match=named):  # as raised: not wrapped in BackendCompilerFailed
         compiled(*_inputs())
     assert not counters["sa_compile"], "a refused option must fail before any rewrite"

@@ -1,5 +1,6 @@
-"""The backend's counters: each SDPA call of a compiled graph counts once, and a graph that
-serves only prompts below min_seq_len counts its SDPA calls as skipped, not rewritten."""
+"""The backend's counters count attention calls, as the attention implementation's do: each
+SDPA of a compiled graph once per call of the graph, and a graph that serves only prompts below
+min_seq_len counts its SDPA calls as skipped, not rewritten."""
 
 import torch
 from torch._dynamo.utils import counters
@@ -20,17 +21,17 @@ def _compile_dynamic(model, config):
     return torch.compile(model, backend=sa_compile.make_backend(config), fullgraph=True, dynamic=True)
 
 
-def test_a_dynamic_graph_counts_each_sdpa_call_once():
+def test_a_dynamic_graph_counts_each_sdpa_call_once_per_call():
     """Under dynamic=True Dynamo hands the backend the same graph twice (it restarts its trace
-    from inside Inductor); only the compile that serves counts."""
+    from inside Inductor); only the calls of the graph that serves count."""
     model = tiny_llama()  # 2 layers: 2 SDPA calls per prefill
     compiled = _compile_dynamic(model, SparseConfig(density=0.3, block_size=16, min_seq_len=0))
     with torch.no_grad():
         sparse = compiled(_ids(64)).logits
         assert dict(counters["sa_compile"]) == {"rewritten": 2}
         assert (sparse - model(_ids(64)).logits).abs().max() > 1e-3, "the prefill did not run sparse"
-        compiled(_ids(96))  # the same dynamic graph: nothing compiles, nothing is counted
-    assert dict(counters["sa_compile"]) == {"rewritten": 2}
+        compiled(_ids(96))  # the same dynamic graph: nothing compiles, its two SDPA calls count
+    assert dict(counters["sa_compile"]) == {"rewritten": 4}
     assert counters["stats"]["unique_graphs"] == 1
 
 
@@ -46,5 +47,5 @@ def test_a_graph_for_prompts_below_min_seq_len_counts_them_as_skipped():
         assert counters["sa_compile"]["rewritten"] == 2 and counters["sa_compile"]["skipped"] == 2
         assert (long - model(_ids(150)).logits).abs().max() > 1e-3, "the long prompt did not run sparse"
         compiled(_ids(45))  # the first graph again
-    assert counters["sa_compile"]["rewritten"] == 2 and counters["sa_compile"][SHORT] == 2
+    assert counters["sa_compile"]["rewritten"] == 2 and counters["sa_compile"][SHORT] == 4
     assert counters["stats"]["unique_graphs"] == 2
