@@ -5,6 +5,7 @@ Nothing here runs at import time; matplotlib is imported only when a plot is dra
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -303,19 +304,25 @@ def add_pattern_argument(parser) -> None:
 
     parser.add_argument("--pattern", type=PatternKind, default=SparseConfig.pattern, choices=list(PatternKind),
                         metavar="{" + ",".join(kind.value for kind in PatternKind) + "}",
-                        help=f"template that scores the blocks (default: {SparseConfig.pattern.value})")
+                        help="template that scores the blocks")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` as the benchmarks show it: the script's docstring as written, every flag's default."""
 
 
 def add_run_arguments(parser, *, repeats: int, warmup: int) -> None:
     """The options every benchmark shares: timing, device, seed, caches, output."""
-    parser.add_argument("--repeats", type=int, default=repeats)
-    parser.add_argument("--warmup", type=int, default=warmup)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed runs per case; the median is reported")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed runs per case before the timed ones")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device to run on")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs and weights")
     parser.add_argument("--warm-caches", action="store_true",
-                        help="reuse on-disk Inductor/Triton caches (default: a fresh cache dir, cold compile times)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--tag", default="")
+                        help="reuse on-disk Inductor/Triton caches (off: a fresh cache dir, cold compile times)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                        help="folder the JSON (and PNG) results are written to")
+    parser.add_argument("--tag", default="", help="suffix added to the result files' names")
 
 
 def check_run_arguments(parser, args) -> None:

@@ -257,10 +257,11 @@ def plot(path: Path, rows: list[dict], title: str) -> bool:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--lengths", help=f"comma list, 4k style allowed (CUDA: {CUDA_SHAPE['lengths']}; "
                                      f"CPU: {CPU_SHAPE['lengths']})")
-    p.add_argument("--densities", type=common.parse_floats, default=[0.02, 0.05, 0.1, 0.2])
+    p.add_argument("--densities", type=common.parse_floats, default=[0.02, 0.05, 0.1, 0.2],
+                   help="comma list of SparseConfig.density values to time")
     p.add_argument("--block-size", type=int, help="sparse block size (CUDA: 128, CPU: 32)")
     p.add_argument("--query-stride", type=int, default=SparseConfig.query_stride,
                    help="strided-query template's stride (SparseConfig.query_stride)")

@@ -36,10 +36,11 @@ def metrics(logits_NV, dense_NV, next_N) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("table")
-    parser.add_argument("--window", type=int, default=4)
-    parser.add_argument("--out", default="calibration_e2e.json")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("table", help="calibrated pattern table (JSON) to compare with uniform budgets")
+    parser.add_argument("--window", type=int, default=4, help="index of the held-out text window compared (past the calibration and evaluation windows)")
+    parser.add_argument("--out", default="calibration_e2e.json", help="JSON file the results are written to")
     args = parser.parse_args()
     table = PatternTable.load(args.table)
     model, tokenizer = _smollm2_model()

@@ -233,8 +233,9 @@ def _one_length(text: str) -> int:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=("tiny", "llama-3.1-8b"), default="tiny")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    p.add_argument("--model", choices=("tiny", "llama-3.1-8b"), default="tiny",
+                   help="model shape, random weights: a tiny Llama for the CPU, or Llama-3.1-8B's")
     p.add_argument("--lengths", help=f"comma list, 4k style allowed (tiny: {TINY_LENGTHS}; 8B: {LLAMA_LENGTHS})")
     p.add_argument("--systems", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    help="subset of: eager, inductor, sa_compile, sa_compile@<density>, sa_compile+heads "

@@ -49,7 +49,7 @@ from _passkey import DECODE_STEPS, FILLER, QUESTION, passkey_run, prefill  # noq
 import sa_compile  # noqa: E402
 from sa_compile import PatternKind, SparseConfig  # noqa: E402
 from sa_compile.calibrate import attention_qk  # noqa: E402
-from sa_compile.passes.sparse_sdpa import _MIN_GPU_BLOCK  # noqa: E402
+from sa_compile.eligibility import MIN_GPU_BLOCK  # noqa: E402
 from sa_compile.patterns import realized_density  # noqa: E402
 from sa_compile.reference import (  # noqa: E402
     block_attention, block_recall, oracle_keep, recall_summary, true_block_mass)
@@ -211,8 +211,9 @@ def evaluate_config(args, model, tokenizer, text_ids, ref: dict, cfg: SparseConf
     row.update(attention_recall(model, ref["captured"], ref["masses"], cfg))
     if args.oracle:
         row["oracle"] = oracle_metrics(model, text_ids, ref, cfg, n, say)
-    say(f"ppl {row['ppl_change']:+.2%}, top-1 {row['top1_agreement']:.3f}, KL {row['kl']:.4f}"
-        + (f"; oracle {row['oracle']['ppl_change']:+.2%}, KL {row['oracle']['kl']:.4f}" if args.oracle else ""))
+    say(f"ppl change {row['ppl_change']:+.4f}, top-1 {row['top1_agreement']:.3f}, KL {row['kl']:.4f}"
+        + (f"; oracle ppl change {row['oracle']['ppl_change']:+.4f}, KL {row['oracle']['kl']:.4f}"
+           if args.oracle else ""))
     return row
 
 
@@ -299,20 +300,23 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--text", type=Path, help="long text for perplexity (default: _smollm2.default_text())")
     p.add_argument("--write-text", type=Path, help="write the default text to this file and exit")
-    p.add_argument("--lengths", type=common.parse_lengths, default=[16384, 32768, 65536])
+    p.add_argument("--lengths", type=common.parse_lengths, default=[16384, 32768, 65536],
+                   help="comma list of prompt lengths, 16k style allowed")
     p.add_argument("--yarn-factor", type=int, help="YaRN factor for every length (default: by length)")
     p.add_argument("--patterns", type=parse_patterns, default=[PatternKind.STRIDED_QUERY],
                    help=f"comma-separated pattern kinds: {', '.join(k.value for k in PatternKind)}")
-    p.add_argument("--densities", type=common.parse_floats, default=[0.1, 0.2, 0.3])
+    p.add_argument("--densities", type=common.parse_floats, default=[0.1, 0.2, 0.3],
+                   help="comma list of SparseConfig.density values, each run with every --patterns kind")
     p.add_argument("--configs", type=parse_configs,
                    help="explicit selections 'pattern:density[:field=value...],...', fields query_stride and "
                         "taper_from (instead of the product above)")
     p.add_argument("--passkey-configs", type=parse_configs,
                    help="run passkeys only for these selections (same syntax; default: all)")
-    p.add_argument("--query-stride", type=int, default=SparseConfig.query_stride)
+    p.add_argument("--query-stride", type=int, default=SparseConfig.query_stride,
+                   help="strided-query template's stride (SparseConfig.query_stride)")
     p.add_argument("--taper-from", type=common.int_or_none,
                    default=SparseConfig.taper_from, help="SparseConfig.taper_from ('none' for no taper)")
     p.add_argument("--block-size", type=int, default=128, help="sparse block size (128: the GPU's)")
@@ -325,12 +329,13 @@ def parse_args(argv=None):
     p.add_argument("--eager", action="store_true",
                    help="attend through the search's blocks eagerly instead of compiling the backend: the same "
                         "blocks and answer, no compile per config, the computed fraction counted (for sweeps)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="model dtype (default: bfloat16 on CUDA)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device to run on")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="model dtype (unset: bfloat16 on CUDA)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                   help="folder the JSON and PNG results are written to")
     args = p.parse_args(argv)
-    if args.device.startswith("cuda") and args.block_size < _MIN_GPU_BLOCK:
-        p.error(f"--block-size {args.block_size} is below the GPU FlexAttention tile ({_MIN_GPU_BLOCK}): "
+    if args.device.startswith("cuda") and args.block_size < MIN_GPU_BLOCK:
+        p.error(f"--block-size {args.block_size} is below the GPU FlexAttention tile ({MIN_GPU_BLOCK}): "
                 f"the backend would leave every attention dense")
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     args.dtype = getattr(torch, dtype)

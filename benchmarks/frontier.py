@@ -112,10 +112,10 @@ def plot(path: Path, rows: list[dict], title: str) -> bool:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--fidelity", type=Path, required=True, help="fidelity.py's JSON")
     p.add_argument("--ttft", type=Path, required=True, help="compile_ttft.py's JSON")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="folder frontier.md, .json and .png are written to")
     args = p.parse_args(argv)
     fidelity, ttft = json.loads(args.fidelity.read_text()), json.loads(args.ttft.read_text())
     rows = frontier_rows(fidelity, ttft)

@@ -163,23 +163,24 @@ def table(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--lengths", help=f"comma list, 4k style allowed (GPU: {GPU_DEFAULTS['lengths']}; "
                                      f"CPU: {CPU_DEFAULTS['lengths']})")
-    p.add_argument("--densities", type=common.parse_floats, default=[0.02, 0.05, 0.1, 0.2])
+    p.add_argument("--densities", type=common.parse_floats, default=[0.02, 0.05, 0.1, 0.2],
+                   help="comma list of SparseConfig.density values")
     p.add_argument("--block-size", type=int, help="sparse block size (GPU: 128, CPU: 64)")
     p.add_argument("--heads", type=int, default=32, help="query heads (fewer only to save time)")
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--kv-heads", type=int, default=8, help="key/value heads of the attention inputs")
+    p.add_argument("--head-dim", type=int, default=128, help="head dim of the attention inputs")
     p.add_argument("--dtype", help="GPU: bfloat16, CPU: float32")
     common.add_pattern_argument(p)
     p.add_argument("--search-head-budgets", action="store_true",
                    help="share each density's block budget between heads per input (SparseConfig.search_head_budgets)")
     p.add_argument("--chunk-gib", type=float, default=1.0, help="float32 logits per chunk of the true-mass loop")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    p.add_argument("--tag", default="")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device to run on")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder the JSON results are written to")
+    p.add_argument("--tag", default="", help="suffix added to the result files' names")
     args = p.parse_args(argv)
     defaults = GPU_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS
     args.lengths = common.parse_lengths(args.lengths or defaults["lengths"])
