@@ -95,7 +95,12 @@ def int_or_none(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
 
 
-_OVERRIDES = {"query_stride": int, "taper_from": int_or_none}
+def float_or_none(text: str) -> float | None:
+    """``"none"`` -> None, else the number (a `--candidates` style option)."""
+    return None if text.lower() == "none" else float(text)
+
+
+_OVERRIDES = {"query_stride": int, "taper_from": int_or_none, "candidates": float_or_none}
 
 
 def parse_overrides(items) -> dict:

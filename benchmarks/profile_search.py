@@ -5,6 +5,7 @@ and timed on the previous stage's output, so the stages add up to roughly the fu
 
     last-q attention -> vertical-slash scores (row-aware columns) ─┐
     pooled block scores ──────────────────────────────────────────┴> block selection -> BlockMask build -> kernel
+    screen -> candidates' strided mass (the default) ──────────────┘
 
 A ``torch.profiler`` pass over the fused op lists its heaviest kernels.
 
@@ -25,8 +26,10 @@ import _common as common  # noqa: E402
 import attention  # noqa: E402
 
 from sa_compile import PatternKind, SparseConfig  # noqa: E402
-from sa_compile.selection import select_block_lists  # noqa: E402
+from sa_compile.selection import select_block_lists, select_candidate_lists, tapered_density  # noqa: E402
 from sa_compile.sparse_op import build_block_mask, estimate_block_scores  # noqa: E402
+from sa_compile.templates._blocks import num_blocks  # noqa: E402
+from sa_compile.templates.screened_query import screened_query_lists  # noqa: E402
 from sa_compile.templates.block_sparse import pooled_block_scores  # noqa: E402
 from sa_compile.templates.vertical_slash import last_q_attention, vertical_slash_block_scores  # noqa: E402
 
@@ -40,15 +43,28 @@ def stages(config: SparseConfig, device):
         block_mask, _ = build_block_mask(*lists, bs, n)
         return tuple(getattr(block_mask, f) for f in attention._MASK_FIELDS)
 
+    def density(nb, device):
+        taper = None if config.taper_from is None else config.taper_from / bs
+        return tapered_density(config.density, taper, nb, device)
+
+    width = config.candidate_width()
+    if width is None:
+        estimate = lambda q, k: estimate_block_scores(q, k, config, q.shape[-1] ** -0.5)  # noqa: E731
+        select = lambda scores: select_block_lists(  # noqa: E731
+            scores, density(scores.shape[-1], scores.device), config.search_head_budgets)
+    else:  # the screened search: candidates and their scores, then a selection among them
+        estimate = lambda q, k: screened_query_lists(  # noqa: E731
+            q, k, bs, config.query_stride, q.shape[-1] ** -0.5, width)
+        select = lambda scored: select_candidate_lists(  # noqa: E731
+            *scored, scored[1].shape[-2], density(scored[1].shape[-2], scored[1].device))
+
     return {
         "last-q attention": compile_(lambda q, k: last_q_attention(q, k, config.last_q, q.shape[-1] ** -0.5), device),
         "vertical-slash scores": compile_(
             lambda attn, q, k: vertical_slash_block_scores(attn, bs, q, k, q.shape[-1] ** -0.5), device),
         "pooled block scores": compile_(lambda q, k: pooled_block_scores(q, k, bs, q.shape[-1] ** -0.5), device),
-        "estimate (all templates)": compile_(
-            lambda q, k: estimate_block_scores(q, k, config, q.shape[-1] ** -0.5), device),
-        "block selection": compile_(
-            lambda scores: select_block_lists(scores, config.density, config.search_head_budgets), device),
+        "estimate (all templates)": compile_(estimate, device),
+        "block selection": compile_(select, device),
         "BlockMask build": compile_(mask_tensors, device),
         "search + BlockMask (fused)": attention.sparse_search(config, device),
     }
@@ -69,7 +85,8 @@ def top_kernels(fn, device, count: int) -> list[dict]:
 
 def profiled_config(args) -> SparseConfig:
     return SparseConfig(density=args.density, block_size=args.block_size, min_seq_len=0, pattern=args.pattern,
-                        taper_from=None, query_stride=args.query_stride, search_head_budgets=args.search_head_budgets)
+                        taper_from=args.taper_from, query_stride=args.query_stride, candidates=args.candidates,
+                        search_head_budgets=args.search_head_budgets)
 
 
 def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[dict], list[dict]]:
@@ -120,6 +137,10 @@ def parse_args(argv=None):
     p.add_argument("--density", type=float, default=SparseConfig.density)
     common.add_pattern_argument(p)
     p.add_argument("--query-stride", type=int, default=SparseConfig.query_stride, help="strided_query's sample stride")
+    p.add_argument("--taper-from", type=common.int_or_none, default=SparseConfig.taper_from,
+                   help="SparseConfig.taper_from ('none': untapered, density at every length)")
+    p.add_argument("--candidates", type=common.float_or_none, default=SparseConfig.candidates,
+                   help="SparseConfig.candidates ('none': the strided sample scores every block)")
     p.add_argument("--block-size", type=int, help="sparse block size (CUDA: 128, CPU: 32)")
     p.add_argument("--search-head-budgets", action="store_true", help="profile SparseConfig.search_head_budgets")
     p.add_argument("--top", type=int, default=12, help="kernels listed per length")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import os
 from dataclasses import dataclass, fields
 
@@ -60,6 +61,12 @@ class SparseConfig:
             (``"strided_query"``).
         query_stride: ``STRIDED_QUERY`` scores every ``query_stride``-th query of a block
             (a divisor of ``block_size``): smaller is closer to the true mass, and costs more.
+        candidates: ``STRIDED_QUERY`` with a taper: the sampled queries attend only to the
+            blocks a pooled screen ranks highest in each row (diagonal and sink always),
+            ``candidates`` times the blocks a row keeps past the taper, so the search's cost
+            grows as ``N`` rather than ``N^2`` (see :mod:`sa_compile.templates.screened_query`).
+            ``None`` scores every causal block. Unused by the other kinds, by
+            ``search_head_budgets``, by a pattern table and without a taper.
         search_head_budgets: share the layer's block budget between its heads by estimated
             mass per block of kernel work (a per-input search), instead of giving every
             head the same count. The layer computes no more blocks than with equal counts.
@@ -81,6 +88,7 @@ class SparseConfig:
     last_q: int = 64
     pattern: PatternKind = PatternKind.STRIDED_QUERY
     query_stride: int = 8
+    candidates: float | None = 3.0
     search_head_budgets: bool = False
     patterns: str | None = None
 
@@ -100,6 +108,9 @@ class SparseConfig:
         _check(_is_int(self.query_stride) and 1 <= self.query_stride <= self.block_size
                and self.block_size % self.query_stride == 0,
                "query_stride", self.query_stride, "a divisor of block_size")
+        _check(self.candidates is None or (isinstance(self.candidates, (int, float)) and not isinstance(
+               self.candidates, bool) and 1.0 <= self.candidates <= 64.0),
+               "candidates", self.candidates, "None or a number in [1, 64]")
         _check(isinstance(self.search_head_budgets, bool),
                "search_head_budgets", self.search_head_budgets, "True or False")
         if isinstance(self.patterns, os.PathLike):
@@ -120,6 +131,23 @@ class SparseConfig:
         if self.taper_from is None:
             return self.density
         return self.density * min(1.0, (self.taper_from / self.block_size) / num_blocks_)
+
+    def candidate_width(self) -> int | None:
+        """Candidate slots per row of the screened search (a constant of the config, so one
+        graph serves every length), or ``None`` when every causal block is scored."""
+        if (self.candidates is None or self.taper_from is None or self.pattern is not PatternKind.STRIDED_QUERY
+                or self.search_head_budgets or self.patterns):
+            return None
+        # The most blocks a row keeps at any length: at the taper (below it rows keep fewer,
+        # past it the same or one or two fewer). Plain arithmetic, the same as
+        # selection.blocks_per_row: this runs while Dynamo traces, where a tensor's value
+        # would be data-dependent. int() and float() specialize fields that Dynamo made
+        # symbolic (a config passed to a compiled function): the width is a shape.
+        nb = -(-int(self.taper_from) // int(self.block_size))
+        budget = float(self.density) * nb * (nb + 1) / 2
+        kept = math.floor((2 * nb + 1 - math.sqrt(max(0.0, (2 * nb + 1) ** 2 - 8 * budget))) / 2 + 1e-9)
+        kept = min(max(kept, min(nb, 2)), nb)
+        return max(2, math.ceil(float(self.candidates) * kept))
 
     def describe(self) -> dict:
         """A JSON-ready view, for benchmark records, logs and graph arguments."""

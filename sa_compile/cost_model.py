@@ -5,7 +5,7 @@ One multiply-add counts as 2 FLOPs. Per query head, a kept ``bs x bs`` block cos
 ``4 * bs**2 * D`` (``Q K^T`` and ``P V``). A row keeps ``min(K, qb + 1)`` blocks, so a
 head computes ``K*nb - K*(K-1)/2`` blocks. Example::
 
-    >>> cost = attention_cost(32768, SparseConfig(density=0.1), heads=32, head_dim=128)
+    >>> cost = attention_cost(32768, SparseConfig(density=0.1, candidates=None), heads=32, head_dim=128)
     >>> round(cost["kernel_fraction"], 3), round(cost["search_fraction"], 4)
     (0.099, 0.0623)
 """
@@ -18,8 +18,8 @@ import sympy
 
 from .config import PatternKind, SparseConfig
 
-N, BS, D, H, K, L, S = sympy.symbols("N block_size head_dim heads blocks_per_row last_q query_stride", positive=True,
-                                     integer=True)
+N, BS, D, H, K, L, S, W = sympy.symbols("N block_size head_dim heads blocks_per_row last_q query_stride candidates",
+                                        positive=True, integer=True)
 NUM_BLOCKS = sympy.ceiling(N / BS)
 KEPT_BLOCKS = K * NUM_BLOCKS - K * (K - 1) / 2  # per head, for K <= nb
 KERNEL_FLOPS = 4 * BS**2 * D * H * KEPT_BLOCKS
@@ -39,6 +39,10 @@ SEARCH_FLOPS = {
     PatternKind.LOCAL: sympy.Integer(0),
     PatternKind.AUTO: _VERTICAL_SLASH + _BLOCK_SPARSE,
 }
+# The screened strided-query search (``SparseConfig.candidates``): the screen's three pooled
+# matmuls (mean keys, and the bound's max and min keys), then every S-th query against the
+# keys of its row's W candidate blocks (all it sees, in rows with fewer causal blocks).
+SCREENED_SEARCH_FLOPS = 3 * _BLOCK_SPARSE + 2 * (N / S) * sympy.Min(W * BS, N / 2) * D * H
 
 
 def _values(seq_len: int, config: SparseConfig, heads: int, head_dim: int) -> dict:
@@ -47,14 +51,14 @@ def _values(seq_len: int, config: SparseConfig, heads: int, head_dim: int) -> di
     nb = math.ceil(seq_len / config.block_size)
     k = int(blocks_per_row(nb, config.density_at(nb), "cpu"))  # tapered past config.taper_from
     return {N: seq_len, BS: config.block_size, D: head_dim, H: heads, K: k, L: min(config.last_q, seq_len),
-            S: config.query_stride}
+            S: config.query_stride, W: config.candidate_width() or nb}
 
 
 def attention_cost(seq_len: int, config: SparseConfig, heads: int, head_dim: int) -> dict:
     """FLOPs of one attention layer at ``seq_len`` under ``config`` (uniform head budgets,
     tapered as the op tapers them; the search of ``config.pattern``)."""
     values = _values(seq_len, config, heads, head_dim)
-    search_flops = SEARCH_FLOPS[config.pattern]
+    search_flops = SEARCH_FLOPS[config.pattern] if config.candidate_width() is None else SCREENED_SEARCH_FLOPS
     kernel, dense, search = (float(e.subs(values)) for e in (KERNEL_FLOPS, DENSE_FLOPS, search_flops))
     return {"kernel_flops": kernel, "dense_flops": dense, "search_flops": search,
             "kernel_fraction": kernel / dense, "search_fraction": search / dense}

@@ -100,6 +100,27 @@ def select_block_lists(scores_BHQK: torch.Tensor, density,
     return order_BHQK, row_counts(k_BH1, nb, scores_BHQK.device)
 
 
+def select_candidate_lists(scores_BHQW: torch.Tensor, blocks_BHQW: torch.Tensor, num_blocks_,
+                           density) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_block_lists` over each row's candidates (a screened search): the kept
+    blocks are ``order_BHQW[..., :count_BHQ]``, the diagonal (slot 0 of the candidates) and
+    the sink (slot 1) first, then the other candidates by score.
+
+    ``blocks_BHQW`` holds block indices, or a negative index for a slot with no block.
+    Row ``qb`` keeps ``min(K, qb + 1)`` blocks, as the unscreened search does, and never
+    more than its candidates. Returns int64 block indices (``W`` wide, not ``nb``) and counts.
+    """
+    W = blocks_BHQW.shape[-1]
+    slot_W = torch.arange(W, device=blocks_BHQW.device)
+    keys = scores_BHQW.float().nan_to_num(-_KEY_LIMIT, _KEY_LIMIT, -_KEY_LIMIT).clamp(-_KEY_LIMIT, _KEY_LIMIT)
+    keys = torch.where(slot_W < 2, float("inf"), keys)  # diagonal then sink, by construction
+    keys = torch.where(blocks_BHQW < 0, float("-inf"), keys)
+    _, order_BHQW = torch.sort(keys, dim=-1, descending=True, stable=True)
+    k = blocks_per_row(num_blocks_, density, blocks_BHQW.device)
+    count_BHQ = torch.minimum(row_counts(k, num_blocks_, blocks_BHQW.device), (blocks_BHQW >= 0).sum(-1))
+    return blocks_BHQW.gather(-1, order_BHQW).clamp(min=0), count_BHQ
+
+
 def select_head_block_lists(scores_BHQK: torch.Tensor, density_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`select_block_lists` with a fixed budget per head (a calibrated pattern table):
     head ``h`` keeps ``min(K_h, qb + 1)`` blocks of row ``qb``, ``K_h`` from ``density_H[h]``."""
@@ -110,11 +131,14 @@ def select_head_block_lists(scores_BHQK: torch.Tensor, density_H: torch.Tensor) 
 
 
 def keep_mask(order_BHQK: torch.Tensor, count_BHQ: torch.Tensor) -> torch.Tensor:
-    """The kept blocks of :func:`select_block_lists` as a boolean grid ``keep_BHQK``."""
-    nb = order_BHQK.shape[-1]
-    idx = torch.arange(nb, device=order_BHQK.device)
-    rank_BHQK = torch.empty_like(order_BHQK).scatter_(-1, order_BHQK, idx.expand_as(order_BHQK))
-    return rank_BHQK < count_BHQ[..., None]
+    """The kept blocks of :func:`select_block_lists` (or of :func:`select_candidate_lists`,
+    whose lists are narrower than the grid) as a boolean grid ``keep_BHQK``."""
+    nb = order_BHQK.shape[-2]
+    kept_BHQW = torch.arange(order_BHQK.shape[-1], device=order_BHQK.device) < count_BHQ[..., None]
+    # Unkept slots scatter into a spare last column, dropped after.
+    target_BHQW = torch.where(kept_BHQW, order_BHQK, nb)
+    grid = torch.zeros(*order_BHQK.shape[:-1], nb + 1, dtype=torch.bool, device=order_BHQK.device)
+    return grid.scatter_(-1, target_BHQW, kept_BHQW)[..., :nb]
 
 
 def select_blocks(scores_BHQK: torch.Tensor, density: float, search_head_budgets: bool = False) -> torch.Tensor:

@@ -18,7 +18,11 @@ from torch.nn.attention.flex_attention import BlockMask
 from .config import PatternKind, SparseConfig
 from .estimates import kind_scores
 from .flex import causal_mask_mod, causal_valid_mask_mod, flex_attention_traced
-from .selection import diagonal_only, keep_mask, select_block_lists, select_head_block_lists, tapered_density
+from .selection import (
+    diagonal_only, keep_mask, select_block_lists, select_candidate_lists, select_head_block_lists, tapered_density,
+)
+from sa_compile.templates._blocks import num_blocks, pad_to_blocks
+from sa_compile.templates.screened_query import screened_query_lists
 
 
 def estimate_block_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None):
@@ -45,15 +49,23 @@ def head_kind_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_vali
 
 def search_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None, head_pattern=None):
     """The per-head pattern search: each row's kept blocks, as ``order_BHQK[..., :count_BHQ]``
-    (diagonal first, then the sink, then by score; see :func:`select_block_lists`).
+    (diagonal first, then the sink, then by score; see :func:`select_block_lists`). With a
+    screened search (:meth:`SparseConfig.candidate_width`) the lists are as wide as the
+    candidates, not the grid (:func:`select_candidate_lists`).
 
     ``head_pattern`` is one layer of a pattern table (:meth:`PatternTable.layer_fields`):
     per-head kinds and budgets replace ``config.pattern`` and ``config.density``."""
     if head_pattern is not None:
         return _search_with_table(q_BHND, k_BGND, config, scale, kv_valid_BN, **head_pattern)
-    scores_BHQK = estimate_block_scores(q_BHND, k_BGND, config, scale, kv_valid_BN)
+    nb = num_blocks(q_BHND.shape[-2], config.block_size)
     taper_blocks = None if config.taper_from is None else config.taper_from / config.block_size
-    density = tapered_density(config.density, taper_blocks, scores_BHQK.shape[-1], scores_BHQK.device)
+    density = tapered_density(config.density, taper_blocks, nb, q_BHND.device)
+    width = config.candidate_width()
+    if width is not None:
+        scores_BHQW, blocks_BHQW = screened_query_lists(q_BHND, k_BGND, config.block_size, config.query_stride,
+                                                        scale, width, kv_valid_BN)
+        return select_candidate_lists(scores_BHQW, blocks_BHQW, nb, density)
+    scores_BHQK = estimate_block_scores(q_BHND, k_BGND, config, scale, kv_valid_BN)
     return select_block_lists(scores_BHQK, density, config.search_head_budgets)
 
 
@@ -73,52 +85,61 @@ def select_kept_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_va
     return keep_mask(*search_blocks(q_BHND, k_BGND, config, scale, kv_valid_BN, head_pattern))
 
 
-def diagonal_last(order_BHQK: torch.Tensor, count_BHQ: torch.Tensor) -> torch.Tensor:
-    """The ranked lists with each row's diagonal moved from the front to its last kept slot.
-
-    The CUDA FlexAttention kernel stops a row after ``ceil(N / BLOCK_N)`` kernel tiles, which
-    is right only when a block reaching past ``N`` comes last in the list. The one such block
-    is the last row's diagonal, so a list that keeps it must end with it.
-    """
-    slot_K = torch.arange(order_BHQK.shape[-1], device=order_BHQK.device, dtype=count_BHQ.dtype)
-    last_BHQ1 = count_BHQ[..., None] - 1
-    # Slots before the last kept one take their successor, the last kept one the diagonal
-    # (slot 0); the unkept tail stays put, so each row is still a permutation.
-    source_BHQK = torch.where(slot_K < last_BHQ1, slot_K + 1, torch.where(slot_K == last_BHQ1, 0, slot_K))
-    return order_BHQK.gather(-1, source_BHQK.long())
-
-
-def build_block_mask(order_BHQK, count_BHQ, block_size: int, seq_len, kv_valid_BN=None):
+def build_block_mask(order_BHQW, count_BHQ, block_size: int, seq_len, kv_valid_BN=None):
     """BlockMask over the kept blocks, straight from the ranked block lists.
 
     The diagonal block is partial (the causal mask_mod runs in it); the other kept blocks
     are full. The lists need no compaction: the diagonal ranks first, so a row's full
-    blocks are ``order_BHQK[..., 1:count_BHQ]``. With key padding every kept block is
-    partial, which the mask_mod makes exact; the diagonal then goes last in its row's list
-    (see :func:`diagonal_last`). Returns the mask and the tensors its mask_mod reads.
+    blocks are ``order_BHQW[..., 1:count_BHQ]``. With key padding the kept blocks split
+    into full ones (every key valid) and partial ones (see :func:`split_by_valid_keys`).
+    The lists may be narrower than the grid (a screened search). Returns the mask and the
+    tensors its mask_mod reads.
     """
-    B, H, nb, _ = order_BHQK.shape
-    order_BHQK = order_BHQK.to(torch.int32)
+    B, H, nb, W = order_BHQW.shape
+    order_BHQW = order_BHQW.to(torch.int32)
     count_BHQ = count_BHQ.to(torch.int32)
     if kv_valid_BN is None:
-        partial = diagonal_only(B, H, nb, order_BHQK.device)
-        # Each list rotated left by one (its diagonal leaves the front). Row width stays nb: the
-        # wrapped-around last column lies past every row's count. A gather, not a cat: a cat's
-        # index wrapper met an index Max in torch 2.11's loop merging and failed to compile.
-        rotate_K = (torch.arange(nb, device=order_BHQK.device) + 1) % nb
-        full = (count_BHQ - 1, order_BHQK[..., rotate_K])
+        partial = diagonal_only(B, H, nb, order_BHQW.device)
+        # Each list rotated left by one (its diagonal leaves the front). The wrapped-around
+        # last column lies past every row's count. A gather, not a cat: a cat's index wrapper
+        # met an index Max in torch 2.11's loop merging and failed to compile.
+        rotate_W = (torch.arange(W, device=order_BHQW.device) + 1) % W
+        full = (count_BHQ - 1, order_BHQW[..., rotate_W])
         mask_mod, buffers = causal_mask_mod, ()
     else:
-        partial = (count_BHQ, diagonal_last(order_BHQK, count_BHQ))
-        # A distinct index buffer: Inductor's CPU FlexAttention template fails to compile
-        # when one tensor is passed as two of its index inputs.
-        full = (torch.zeros_like(count_BHQ), torch.zeros_like(order_BHQK))
+        partial, full = split_by_valid_keys(order_BHQW, count_BHQ, block_size, seq_len, kv_valid_BN)
         mask_mod, buffers = causal_valid_mask_mod, (kv_valid_BN,)
     block_mask = BlockMask.from_kv_blocks(
         *partial, *full, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(seq_len, seq_len),
         compute_q_blocks=False,  # the backward-only transpose; it also trips Inductor under dynamic shapes
     )
     return block_mask, buffers
+
+
+def split_by_valid_keys(order_BHQW, count_BHQ, block_size: int, seq_len, kv_valid_BN):
+    """The kept blocks split, with key padding, into ``(partial, full)`` (count, indices) pairs.
+
+    A kept block below the diagonal whose keys are all valid runs full (no mask_mod), as
+    without padding: a tokenizer's all-ones mask costs nothing. The diagonal and blocks with
+    padded keys run partial, where the mask_mod makes them exact. Each list keeps the
+    search's order (a stable partition); the diagonal goes last in its partial list, because
+    the CUDA FlexAttention kernel stops a row after ``ceil(N / BLOCK_N)`` tiles, which is
+    right only when the one block reaching past ``N`` (the last row's diagonal) comes last.
+    """
+    nb, W = order_BHQW.shape[-2:]
+    valid_BK = pad_to_blocks(kv_valid_BN != 0, block_size).view(kv_valid_BN.shape[0], nb, block_size).all(-1)
+    kept_BHQW = torch.arange(W, device=order_BHQW.device) < count_BHQ[..., None]
+    diagonal_BHQW = order_BHQW == torch.arange(nb, device=order_BHQW.device, dtype=order_BHQW.dtype)[:, None]
+    all_valid_BHQW = valid_BK[:, None, None, :].expand(-1, *order_BHQW.shape[1:3], -1).gather(-1, order_BHQW.long())
+    full_BHQW = kept_BHQW & all_valid_BHQW & ~diagonal_BHQW
+    # Sort keys, stable: full blocks first (0) for the full list; for the partial list the
+    # off-diagonal partial blocks (0), then the diagonal (1), then the rest (2).
+    full_rank = torch.where(full_BHQW, 0, 1).to(torch.int32)
+    partial_rank = torch.where(kept_BHQW & ~full_BHQW, torch.where(diagonal_BHQW, 1, 0), 2).to(torch.int32)
+    full_order = order_BHQW.gather(-1, torch.sort(full_rank, dim=-1, stable=True).indices)
+    partial_order = order_BHQW.gather(-1, torch.sort(partial_rank, dim=-1, stable=True).indices)
+    full_count = full_BHQW.sum(-1, dtype=torch.int32)
+    return (count_BHQ - full_count, partial_order), (full_count, full_order)
 
 
 def sparse_attention(q_BHND, k_BGND, v_BGND, config: SparseConfig, scale=None, kv_valid_BN=None, return_keep=False,

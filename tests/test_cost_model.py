@@ -55,7 +55,7 @@ def test_search_flops():
     (PatternKind.LOCAL, 0),
 ])
 def test_search_flops_follow_the_pattern(pattern, per_head):
-    cfg = SparseConfig(block_size=128, last_q=64, pattern=pattern)
+    cfg = SparseConfig(block_size=128, last_q=64, pattern=pattern, candidates=None)  # every block scored
     assert attention_cost(32768, cfg, heads=32, head_dim=128)["search_flops"] == per_head * 128 * 32
 
 
@@ -71,3 +71,18 @@ def test_a_flop_budget_pays_for_the_search_first():
 def test_module_example():
     result = doctest.testmod(cost_model)
     assert result.attempted >= 2 and result.failed == 0
+
+
+def test_screened_search_share_falls_with_length_and_matches_the_full_search_below_its_width():
+    """Past the candidates' width the screened search scores a constant number of blocks per
+    row, so its share of dense FLOPs halves as the prompt doubles; the default's share at
+    256K is at most half of its share at 32K, and at most 0.03 at 128K."""
+    cfg = SparseConfig()
+    share = {n: attention_cost(n, cfg, heads=32, head_dim=128)["search_fraction"] for n in (32768, 131072, 262144)}
+    assert share[262144] <= share[32768] / 2 and share[131072] <= 0.03
+    assert share[262144] == pytest.approx(share[131072] / 2, rel=0.02)
+    # A width covering every causal block: the strided search's logits plus the screen's.
+    wide = SparseConfig(candidates=64.0)
+    unscreened = attention_cost(4096, SparseConfig(candidates=None), heads=4, head_dim=64)["search_flops"]
+    screen = 3 * 2 * (4096 // 128) ** 2 * 64 * 4
+    assert attention_cost(4096, wide, heads=4, head_dim=64)["search_flops"] == pytest.approx(unscreened + screen)

@@ -1,0 +1,178 @@
+"""Screened strided-query template: a pooled screen proposes blocks, the strided sample ranks them.
+
+The strided-query template attends every sampled query to every key it sees: ``N^2 / stride``
+work, a constant share of dense attention at every length. Past the taper a row keeps a
+constant number of blocks ``K``, so at long prompts almost all of that work scores blocks
+that are never kept. Here the sampled queries attend only to ``W`` candidate blocks per
+(key head, query block), about ``candidates * K`` of them: ``N * W * block / stride`` work,
+linear in ``N`` at a fixed ``W``.
+
+The screen that proposes them sees every block, at ``(N / block)^2`` cost per head: each
+query block's mean query against each key block's mean key (where most mass lies on
+average) and against an upper bound of its keys' logits (``relu(q) . max(k) + min(q, 0) .
+min(k)``, per dimension: a block holding one key that matches the query ranks high even
+when its mean does not). Each gives a causal softmax over key blocks; their sum, added over
+the query heads of a key head, is the screen. The diagonal block and the sink always come
+first. The sampled queries' softmax is then taken over the candidates' keys only, so a
+candidate's score is its share of the mass the candidates hold.
+
+Run ``python -m sa_compile.templates.screened_query`` to draw the candidates and the scores
+on a planted input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._blocks import block_offsets_QK, num_blocks, pad_to_blocks
+from .strided_query import sample_positions
+
+_CHUNK_BYTES = 1 << 28  # float32 logits per chunk of the torch path
+NO_BLOCK = -1  # a candidate slot with no block (rows with fewer causal blocks than slots)
+
+
+def key_block_stats(k_BGND: torch.Tensor, block_size: int, kv_valid_BN=None):
+    """Per key block, over its valid keys: the mean, the per-dimension max and min, each
+    ``[B, G, nb, D]`` float32. A block with no valid key gets max ``-1e4`` and min ``1e4``
+    (its bound is hugely negative, so it never screens in)."""
+    B, G, N, D = k_BGND.shape
+    nb = num_blocks(N, block_size)
+    valid_BN = torch.ones(B, N, device=k_BGND.device, dtype=torch.bool) if kv_valid_BN is None else kv_valid_BN != 0
+    valid_B1KT1 = pad_to_blocks(valid_BN, block_size).view(B, 1, nb, block_size, 1)
+    k_BGKTD = pad_to_blocks(k_BGND.float(), block_size, dim=-2).unflatten(-2, (nb, block_size))
+    count_B1K1 = valid_B1KT1.sum(-2).clamp(min=1)
+    mean_BGKD = torch.where(valid_B1KT1, k_BGKTD, 0.0).sum(-2) / count_B1K1
+    max_BGKD = torch.where(valid_B1KT1, k_BGKTD, -1e4).amax(-2)
+    min_BGKD = torch.where(valid_B1KT1, k_BGKTD, 1e4).amin(-2)
+    return mean_BGKD, max_BGKD, min_BGKD
+
+
+def screen_scores(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size: int, scale: float,
+                  kv_valid_BN=None) -> torch.Tensor:
+    """The screen ``[B, G, nb, nb]`` float32: per key head, the sum over its query heads of
+    two causal softmaxes of each query block's mean query, against the key blocks' mean
+    keys and against their keys' logit bound."""
+    B, H, N, D = q_BHND.shape
+    G = k_BGND.shape[1]
+    nb = num_blocks(N, block_size)
+    mean_BGKD, max_BGKD, min_BGKD = key_block_stats(k_BGND, block_size, kv_valid_BN)
+    # Each query block's mean query over its real rows (the last block may be short).
+    rows_Q1 = (N - torch.arange(nb, device=q_BHND.device) * block_size).clamp(max=block_size)[:, None]
+    q_BGXD = (pad_to_blocks(q_BHND.float(), block_size, dim=-2).unflatten(-2, (nb, block_size)).sum(-2)
+              / rows_Q1).reshape(B, G, (H // G) * nb, D) * scale
+    mean_logits = q_BGXD @ mean_BGKD.transpose(-1, -2)
+    bound_logits = q_BGXD.clamp(min=0) @ max_BGKD.transpose(-1, -2) + q_BGXD.clamp(max=0) @ min_BGKD.transpose(-1, -2)
+    causal_QK = block_offsets_QK(nb, q_BHND.device) >= 0
+    screen_BGQK = 0
+    for logits in (mean_logits, bound_logits):
+        logits_BGHQK = logits.view(B, G, H // G, nb, nb).masked_fill(~causal_QK, float("-inf"))
+        screen_BGQK = screen_BGQK + torch.softmax(logits_BGHQK, dim=-1).sum(2)
+    return screen_BGQK
+
+
+def candidate_blocks(screen_BGQK: torch.Tensor, width: int) -> torch.Tensor:
+    """The ``width`` candidate key blocks of each row, ``[B, G, nb, width]`` int64: the diagonal
+    in slot 0, the sink in slot 1 (rows past the first), then by screen score; slots past a
+    row's causal blocks hold :data:`NO_BLOCK`. ``width`` may exceed ``nb``."""
+    nb = screen_BGQK.shape[-1]
+    offset_QK = block_offsets_QK(nb, screen_BGQK.device)
+    keys = screen_BGQK.float().nan_to_num(0.0, 1.0, 0.0).clamp(0.0, 1e30)
+    keys = torch.where(offset_QK == 0, float("inf"), keys)
+    keys = torch.where((offset_QK > 0) & (torch.arange(nb, device=keys.device) == 0), 3e38, keys)
+    keys = keys.masked_fill(offset_QK < 0, float("-inf"))
+    # Padded to at least `width` columns of -inf, so one topk serves every length.
+    keys = torch.nn.functional.pad(keys, (0, width), value=float("-inf"))
+    top_keys, top_BGQW = torch.topk(keys, width, dim=-1, sorted=True)
+    return torch.where(top_keys > float("-inf"), top_BGQW, NO_BLOCK)
+
+
+def _chunk_mass(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, blocks: range, block_size: int, stride: int,
+                scale: float) -> torch.Tensor:
+    """Candidate mass ``[B, H, C, W]`` of query blocks ``blocks``: their samples' softmax over the
+    candidates' keys, summed per candidate block over the block's samples."""
+    B, H, N, D = q_BHND.shape
+    G, W = k_BGND.shape[1], cand_BGQW.shape[-1]
+    pos_CR = sample_positions(blocks.stop, block_size, stride, q_BHND.device)[blocks.start:]
+    C, R = pos_CR.shape
+    cand_BGCW = cand_BGQW[:, :, blocks.start:blocks.stop]
+    keys_BGCWT = cand_BGCW.clamp(min=0)[..., None] * block_size + torch.arange(block_size, device=q_BHND.device)
+    visible = (keys_BGCWT < N) & (cand_BGCW >= 0)[..., None]
+    keys_BGCWT = keys_BGCWT.clamp(max=N - 1)
+    k_BGCXD = k_BGND.float().gather(2, keys_BGCWT.reshape(B, G, -1, 1).expand(-1, -1, -1, D)).view(B, G, C, W * block_size, D)
+    q_BGCYD = (q_BHND[:, :, pos_CR.clamp(max=N - 1).flatten()].float() * scale).view(B, G, H // G, C, R, D)
+    q_BGCYD = q_BGCYD.permute(0, 1, 3, 2, 4, 5).reshape(B, G, C, (H // G) * R, D)
+    logits_BGCYX = q_BGCYD @ k_BGCXD.transpose(-1, -2)
+    visible_BGC1X = visible.view(B, G, C, 1, W * block_size)
+    pos_C1 = pos_CR.repeat(1, H // G)  # rows ordered (head, sample)
+    visible_BGCYX = visible_BGC1X & (keys_BGCWT.view(B, G, C, 1, -1) <= pos_C1[None, None, :, :, None])
+    if kv_valid_BN is not None:
+        valid_BX = (kv_valid_BN != 0).gather(1, keys_BGCWT.reshape(B, -1)).view(B, G, C, 1, -1)
+        visible_BGCYX = visible_BGCYX & valid_BX
+    probs = torch.softmax(logits_BGCYX.masked_fill(~visible_BGCYX, float("-inf")), dim=-1).nan_to_num(0.0)
+    sampled_C1 = (pos_C1 < N)[None, None, :, :, None]
+    per_block = (probs * sampled_C1).view(B, G, C, H // G, R, W, block_size).sum((-1, -3))  # [B, G, C, HG, W]
+    return per_block.permute(0, 1, 3, 2, 4).reshape(B, H, C, W)
+
+
+def candidate_block_mass_reference(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, block_size: int, stride: int,
+                                   scale: float, chunk_bytes: int = _CHUNK_BYTES) -> torch.Tensor:
+    """The sampled queries' causal attention mass over each row's candidate blocks,
+    ``[B, H, nb, W]`` float32, one chunk of query blocks at a time."""
+    B, H, N, _ = q_BHND.shape
+    nb, W = cand_BGQW.shape[-2:]
+    mass_BHQW = q_BHND.new_zeros(B, H, nb, W, dtype=torch.float32)
+    per_block = B * H * (block_size // stride) * W * block_size * 4
+    step = max(1, chunk_bytes // per_block)
+    for start in range(0, nb, step):
+        blocks = range(start, min(start + step, nb))
+        mass_BHQW[:, :, blocks.start:blocks.stop] = _chunk_mass(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, blocks,
+                                                               block_size, stride, scale)
+    return mass_BHQW
+
+
+@torch.library.custom_op("sa_compile::candidate_block_mass", mutates_args=())
+def candidate_block_mass(q_BHND: torch.Tensor, k_BGND: torch.Tensor, kv_valid_BN: torch.Tensor | None,
+                         cand_BGQW: torch.Tensor, block_size: int, stride: int, scale: float) -> torch.Tensor:
+    """Mass of the sampled queries over their row's candidates, ``[B, H_q, nb, W]`` float32."""
+    if q_BHND.is_cuda:
+        from ._screened_triton import candidate_block_mass_cuda
+
+        return candidate_block_mass_cuda(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, block_size, stride, scale)
+    return candidate_block_mass_reference(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, block_size, stride, scale)
+
+
+@candidate_block_mass.register_fake
+def _(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, block_size, stride, scale):
+    B, H = q_BHND.shape[:2]
+    return q_BHND.new_empty(B, H, *cand_BGQW.shape[-2:], dtype=torch.float32)
+
+
+def screened_query_lists(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size: int, stride: int, scale: float,
+                         width: int, kv_valid_BN=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's candidates and their scores: ``(scores_BHQW, blocks_BHQW)``, slot 0 the
+    diagonal, slot 1 the sink; a score is the candidate's share of the candidates' sampled
+    mass (0 for :data:`NO_BLOCK` slots)."""
+    H, G = q_BHND.shape[1], k_BGND.shape[1]
+    cand_BGQW = candidate_blocks(screen_scores(q_BHND, k_BGND, block_size, scale, kv_valid_BN), width)
+    mass_BHQW = candidate_block_mass(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, block_size, stride, float(scale))
+    mass_BHQW = mass_BHQW.nan_to_num(0.0)
+    scores_BHQW = mass_BHQW / mass_BHQW.sum(-1, keepdim=True).clamp(min=1e-30)
+    return scores_BHQW, cand_BGQW.repeat_interleave(H // G, 1)
+
+
+def _demo() -> None:
+    from ._blocks import draw, planted_retrieval
+
+    D, bs = 32, 32
+    q, k = planted_retrieval(slice(150, 154), 2.0)
+    scores_W, blocks_W = screened_query_lists(q, k, bs, 8, D**-0.5, width=6)
+    nb = blocks_W.shape[-2]
+    grid = torch.zeros(nb, nb + 1).scatter_(-1, blocks_W[0, 0].clamp(min=0) + (blocks_W[0, 0] < 0) * nb,
+                                            scores_W[0, 0])[:, :nb]
+    print(f"screened strided-query scores (6 candidates per row, stride 8), N=512, block={bs} "
+          "(queries from 384 retrieve keys 150-153; blank = not a candidate):")
+    print(draw(grid))
+
+
+if __name__ == "__main__":
+    _demo()

@@ -1,0 +1,172 @@
+"""The screened strided-query search: its candidates, their mass against a naive float64 loop,
+the selection among them, the compiled op, and its CUDA kernel."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sa_compile import SparseConfig
+from sa_compile.selection import blocks_per_row, keep_mask, select_candidate_lists
+from sa_compile.sparse_op import dense_causal_attention, search_blocks, select_kept_blocks, sparse_attention
+from sa_compile.templates.screened_query import (
+    NO_BLOCK, candidate_block_mass, candidate_block_mass_reference, candidate_blocks, screen_scores,
+    screened_query_lists,
+)
+from sa_compile.templates.strided_query import strided_block_mass_reference
+
+from .helpers import assert_close, attention_inputs
+
+
+def naive_candidate_mass(q, k, kv_valid, cand, block_size, stride, scale):
+    """One sampled query at a time: its softmax over the valid causal keys of its row's
+    candidate blocks, summed per candidate slot."""
+    B, H, N, _ = q.shape
+    G, (nb, W) = k.shape[1], cand.shape[-2:]
+    mass = torch.zeros(B, H, nb, W, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for pos in range(stride - 1, N, stride):
+                qb = pos // block_size
+                slots = [(w, int(cand[b, h // (H // G), qb, w])) for w in range(W)]
+                keys = [(w, key) for w, kb in slots if 0 <= kb <= qb
+                        for key in range(kb * block_size, min((kb + 1) * block_size, pos + 1))
+                        if kv_valid is None or kv_valid[b, key] != 0]
+                if not keys:
+                    continue
+                logits = torch.stack([q[b, h, pos].double() @ k[b, h // (H // G), key].double() for _, key in keys])
+                probs = torch.softmax(logits * scale, 0)
+                for (w, _), p in zip(keys, probs):
+                    mass[b, h, qb, w] += p
+    return mass
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 100), block=st.sampled_from([16, 32]),
+       stride=st.sampled_from([1, 4, 16]), group=st.sampled_from([1, 3]), padded=st.booleans(),
+       width=st.integers(1, 8), chunk_bytes=st.sampled_from([1, 1 << 28]))
+def test_candidate_mass_is_the_sampled_queries_exact_mass_over_candidates(seed, n, block, stride, group, padded,
+                                                                          width, chunk_bytes):
+    q, k, _ = attention_inputs(seed, 1, 2 * group, 2, n, 8, torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    kv_valid = (torch.rand(1, n, generator=gen) > 0.3).long() if padded else None
+    nb = -(-n // block)
+    # Any candidates, repeats excluded: random causal blocks, some slots empty.
+    keys = torch.rand(1, 2, nb, nb, generator=gen).masked_fill(torch.ones(nb, nb, dtype=torch.bool).triu(1), -1)
+    cand = torch.where(keys.topk(min(width, nb), -1).values >= 0, keys.topk(min(width, nb), -1).indices, NO_BLOCK)
+    got = candidate_block_mass_reference(q, k, kv_valid, cand, block, stride, 0.4, chunk_bytes=chunk_bytes)
+    torch.testing.assert_close(got.double(), naive_candidate_mass(q, k, kv_valid, cand, block, stride, 0.4),
+                               atol=1e-5, rtol=1e-5)
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 200), width=st.integers(1, 12), padded=st.booleans())
+def test_candidates_are_distinct_causal_blocks_led_by_diagonal_and_sink(seed, n, width, padded):
+    block = 16
+    q, k, _ = attention_inputs(seed, 2, 4, 2, n, 8, torch.float32)
+    kv_valid = (torch.rand(2, n, generator=torch.Generator().manual_seed(seed)) > 0.5).long() if padded else None
+    screen = screen_scores(q, k, block, 0.3, kv_valid)
+    cand = candidate_blocks(screen, width)
+    nb = -(-n // block)
+    assert cand.shape == (2, 2, nb, width)
+    for qb in range(nb):
+        row = cand[:, :, qb]
+        assert torch.all(row[..., 0] == qb)
+        if qb > 0 and width > 1:
+            assert torch.all(row[..., 1] == 0)
+        real = row >= 0
+        # Every slot holds a causal block while the row has any left, and no block twice.
+        assert torch.all(real.sum(-1) == min(width, qb + 1))
+        assert torch.all((row <= qb) | ~real)
+        for b in range(2):
+            for g in range(2):
+                blocks = row[b, g][real[b, g]].tolist()
+                assert len(set(blocks)) == len(blocks)
+
+
+def test_screen_puts_a_planted_lookup_among_the_candidates():
+    """Three keys of block 2 match the last queries: the bound sees them although block 2's mean does not."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 512, 32, generator=gen) * 0.3, torch.randn(1, 1, 512, 32, generator=gen) * 0.3
+    topic = torch.randn(32, generator=gen)
+    q[..., 448:, :] += topic
+    k[..., 70:73, :] += 3 * topic
+    cand = candidate_blocks(screen_scores(q, k, 32, 32**-0.5), 4)
+    assert all(2 in cand[0, 0, qb].tolist() for qb in range(14, 16))
+
+
+def test_selection_keeps_the_best_candidates_at_the_unscreened_counts():
+    gen = torch.Generator().manual_seed(1)
+    nb, width = 12, 6
+    cand = candidate_blocks(torch.rand(1, 1, nb, nb, generator=gen), width)
+    scores = torch.rand(1, 1, nb, width, generator=gen)
+    order, count = select_candidate_lists(scores, cand, nb, 0.3)
+    k = int(blocks_per_row(nb, 0.3, "cpu"))
+    assert torch.equal(count[0, 0], torch.minimum(torch.tensor(k), torch.arange(nb) + 1))
+    for qb in range(nb):
+        kept = order[0, 0, qb, :count[0, 0, qb]].tolist()
+        assert kept[0] == qb and (qb == 0 or kept[1] == 0)
+        others = [(float(scores[0, 0, qb, w]), int(cand[0, 0, qb, w])) for w in range(2, width) if cand[0, 0, qb, w] >= 0]
+        assert kept[2:] == [b for _, b in sorted(others, reverse=True)][:len(kept) - 2]
+    assert keep_mask(order, count).sum(-1).equal(count)
+
+
+def test_candidates_holding_every_causal_block_rank_like_the_unscreened_search():
+    """With a slot for every causal block, the candidates' mass is the strided mass."""
+    q, k, _ = attention_inputs(4, 1, 4, 2, 300, 16, torch.float32)
+    scores, blocks = screened_query_lists(q, k, 32, 8, 0.25, width=10)
+    full = strided_block_mass_reference(q, k, None, 32, 8, 0.25)
+    gathered = full.gather(-1, blocks.clamp(min=0)) * (blocks >= 0)
+    assert_close(scores, gathered / gathered.sum(-1, keepdim=True))
+
+
+def test_search_uses_the_screen_past_its_width_and_stays_causal():
+    config = SparseConfig(density=0.3, block_size=16, min_seq_len=0, taper_from=64, candidates=2)
+    width = config.candidate_width()
+    q, k, _ = attention_inputs(5, 1, 4, 2, 400, 16, torch.float32)
+    order, count = search_blocks(q, k, config, 0.25)
+    assert order.shape[-1] == width < order.shape[-2]
+    keep = select_kept_blocks(q, k, config, 0.25)
+    assert not keep.triu(1).any() and keep.diagonal(dim1=-2, dim2=-1).all() and keep[..., 1:, 0].all()
+    assert torch.equal(keep.sum(-1), count)
+
+
+def test_compiled_screened_op_matches_the_eager_search_and_full_budget_is_dense():
+    # The candidates' width is a shape computed from the config: the config's fields stay
+    # constants (literals in the graph the backend rewrites; here, compiled without
+    # dynamic=True, which would make them symbolic); the second length makes shapes dynamic.
+    q, k, v = attention_inputs(2, 1, 4, 2, 300, 16, torch.float32)
+    full = SparseConfig(density=1.0, block_size=16, min_seq_len=0, taper_from=512, candidates=1)
+    assert full.candidate_width() is not None
+    op = torch.compile(lambda q, k, v: sparse_attention(q, k, v, full))
+    assert_close(op(q, k, v), dense_causal_attention(q, k, v))
+    sparse = SparseConfig(density=0.3, block_size=16, min_seq_len=0, taper_from=64, candidates=2)
+    op = torch.compile(lambda q, k, v: sparse_attention(q, k, v, sparse, return_keep=True))
+    for n in (300, 250):  # a second length: one dynamic graph
+        _, keep = op(q[:, :, :n], k[:, :, :n], v[:, :, :n])
+        assert torch.equal(keep, select_kept_blocks(q[:, :, :n], k[:, :, :n], sparse, 16**-0.5))
+
+
+def test_config_width_is_the_taper_rows_count_times_candidates():
+    config = SparseConfig(density=0.3, block_size=128, taper_from=32768, candidates=3)
+    kept = int(blocks_per_row(256, 0.3, "cpu"))
+    assert config.candidate_width() == 3 * kept
+    assert SparseConfig(candidates=None).candidate_width() is None
+    assert SparseConfig(taper_from=None).candidate_width() is None
+    assert SparseConfig(pattern="block_query").candidate_width() is None
+    with pytest.raises(ValueError, match="candidates"):
+        SparseConfig(candidates=0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernel runs on CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 32, 8, 4000, 128, 128, 8, 40), (2, 9, 3, 1000, 64, 128, 8, 5),
+                                   (1, 4, 4, 700, 64, 64, 16, 3)])
+def test_cuda_kernel_matches_the_reference(dtype, shape):
+    B, H, G, N, D, block, stride, width = shape
+    q, k, _ = attention_inputs(3, B, H, G, N, D, dtype, device="cuda")
+    kv_valid = torch.ones(B, N, dtype=torch.long, device="cuda")
+    kv_valid[:, : N // 7] = 0  # left padding
+    for valid in (None, kv_valid):
+        cand = candidate_blocks(screen_scores(q, k, block, D**-0.5, valid), width)
+        got = candidate_block_mass(q, k, valid, cand, block, stride, D**-0.5)
+        expected = candidate_block_mass_reference(q, k, valid, cand, block, stride, D**-0.5)
+        torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
