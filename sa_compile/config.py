@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 import math
 import os
+
+import torch
 from dataclasses import dataclass, fields
 
 
@@ -135,19 +137,7 @@ class SparseConfig:
     def candidate_width(self) -> int | None:
         """Candidate slots per row of the screened search (a constant of the config, so one
         graph serves every length), or ``None`` when every causal block is scored."""
-        if (self.candidates is None or self.taper_from is None or self.pattern is not PatternKind.STRIDED_QUERY
-                or self.search_head_budgets or self.patterns):
-            return None
-        # The most blocks a row keeps at any length: at the taper (below it rows keep fewer,
-        # past it the same or one or two fewer). Plain arithmetic, the same as
-        # selection.blocks_per_row: this runs while Dynamo traces, where a tensor's value
-        # would be data-dependent. int() and float() specialize fields that Dynamo made
-        # symbolic (a config passed to a compiled function): the width is a shape.
-        nb = -(-int(self.taper_from) // int(self.block_size))
-        budget = float(self.density) * nb * (nb + 1) / 2
-        kept = math.floor((2 * nb + 1 - math.sqrt(max(0.0, (2 * nb + 1) ** 2 - 8 * budget))) / 2 + 1e-9)
-        kept = min(max(kept, min(nb, 2)), nb)
-        return max(2, math.ceil(float(self.candidates) * kept))
+        return _candidate_width(self)
 
     def describe(self) -> dict:
         """A JSON-ready view, for benchmark records, logs and graph arguments."""
@@ -157,6 +147,20 @@ class SparseConfig:
     def from_fields(cls, described: dict) -> SparseConfig:
         """Inverse of :meth:`describe`."""
         return cls(**{**described, "pattern": PatternKind(described["pattern"])})
+
+
+@torch._dynamo.assume_constant_result  # a shape: constant per config, also when Dynamo made fields symbolic
+def _candidate_width(config: SparseConfig) -> int | None:
+    if (config.candidates is None or config.taper_from is None or config.pattern is not PatternKind.STRIDED_QUERY
+            or config.search_head_budgets or config.patterns):
+        return None
+    # The most blocks a row keeps at any length: at the taper (below it rows keep fewer, past
+    # it the same or one or two fewer). Plain arithmetic, the same as selection.blocks_per_row.
+    nb = -(-config.taper_from // config.block_size)
+    budget = config.density * nb * (nb + 1) / 2
+    kept = math.floor((2 * nb + 1 - math.sqrt(max(0.0, (2 * nb + 1) ** 2 - 8 * budget))) / 2 + 1e-9)
+    kept = min(max(kept, min(nb, 2)), nb)
+    return max(2, math.ceil(config.candidates * kept))
 
 
 def _is_int(value) -> bool:

@@ -106,22 +106,37 @@ def test_key_padding_is_masked_exactly(padding, device):
             assert_close(out, dense_reference(q, k, v, kv_valid_BN=valid))
 
 
-@given(seed=st.integers(0, 2**16), density=st.floats(0.05, 1.0), tail=st.integers(0, 15))
-def test_padded_block_lists_keep_the_same_blocks_and_end_with_the_diagonal(seed, density, tail):
-    """With key padding every kept block is partial, and the CUDA kernel cuts a row's list
-    after ceil(N / tile) tiles: the last row's diagonal, the one block reaching past N,
-    must come last, or a real block is silently dropped."""
+@given(seed=st.integers(0, 2**16), density=st.floats(0.05, 1.0), tail=st.integers(0, 15), padded=st.booleans())
+def test_padded_block_lists_keep_the_same_blocks_and_end_with_the_diagonal(seed, density, tail, padded):
+    """With key padding the kept blocks split in two lists: full blocks (every key valid, below
+    the diagonal) and partial ones. The CUDA kernel cuts a row's partial list after
+    ceil(N / tile) tiles, so the last row's diagonal, the one block reaching past N, must
+    end it, or a real block is silently dropped. An all-ones mask leaves only the diagonal
+    partial, as without padding."""
     nb, block = 7, 16
     seq_len = nb * block - tail
-    scores = torch.rand(2, 3, nb, nb, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(2, 3, nb, nb, generator=gen)
+    valid = torch.ones(2, seq_len, dtype=torch.int64)
+    if padded:
+        valid[0, 20:40] = 0  # blocks 1 and 2 of the first batch entry hold padding
     order, count = select_block_lists(scores, density)
-    mask, _ = build_block_mask(order, count, block, seq_len, torch.ones(2, seq_len, dtype=torch.int64))
+    mask, _ = build_block_mask(order, count, block, seq_len, valid)
     num, idx = mask.kv_num_blocks.long(), mask.kv_indices.long()
-    assert torch.equal(num, count)
+    full_num, full_idx = mask.full_kv_num_blocks.long(), mask.full_kv_indices.long()
+    assert torch.equal(num + full_num, count)
     assert torch.equal(idx.gather(-1, num[..., None] - 1)[..., 0], torch.arange(nb).expand_as(num))
-    listed = torch.zeros(2, 3, nb, nb, dtype=torch.bool).scatter_(-1, idx, torch.arange(nb) < num[..., None])
-    assert torch.equal(listed, keep_mask(order, count))
-    assert torch.equal(idx.sort(-1).values, torch.arange(nb).expand_as(idx))  # each row is a permutation
+    slots = torch.arange(nb)
+    partial = torch.zeros(2, 3, nb, nb, dtype=torch.bool).scatter_(-1, idx, slots < num[..., None])
+    full = torch.zeros(2, 3, nb, nb, dtype=torch.bool).scatter_(-1, full_idx, slots < full_num[..., None])
+    assert not (partial & full).any()
+    assert torch.equal(partial | full, keep_mask(order, count))
+    whole_BK = torch.nn.functional.pad(valid != 0, (0, tail)).view(2, nb, block).all(-1)
+    diagonal = torch.eye(nb, dtype=torch.bool)
+    assert torch.equal(full, keep_mask(order, count) & whole_BK[:, None, None, :] & ~diagonal)
+    if not padded and tail == 0:
+        assert torch.equal(partial, diagonal.expand_as(partial))
+
 
 
 @given(seed=st.integers(0, 2**16), depth=st.floats(0.05, 0.8))
