@@ -139,6 +139,10 @@ def split_by_valid_keys(order_BHQW, count_BHQ, block_size: int, seq_len, kv_vali
     full_order = order_BHQW.gather(-1, torch.sort(full_rank, dim=-1, stable=True).indices)
     partial_order = order_BHQW.gather(-1, torch.sort(partial_rank, dim=-1, stable=True).indices)
     full_count = full_BHQW.sum(-1, dtype=torch.int32)
+    # FlexAttention reads the KV length off the partial list's width: make it the grid's
+    # (a screened search's lists are narrower; no row keeps more than nb blocks).
+    slot_K = torch.arange(nb, device=order_BHQW.device)
+    partial_order = partial_order.gather(-1, torch.where(slot_K < W, slot_K, 0).expand(*order_BHQW.shape[:3], nb))
     return (count_BHQ - full_count, partial_order), (full_count, full_order)
 
 

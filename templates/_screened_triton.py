@@ -45,20 +45,21 @@ def _candidate_mass_kernel(Q, K, VALID, CAND, OUT, sqb, sqh, sqn, skb, skh, skn,
     lse = tl.full([M, WP], float("-inf"), tl.float32)
     cand = CAND + b * scb + g * scg + qb.to(tl.int64) * scq
     for w in range(0, W):
-        kb = tl.load(cand + w)
-        live = (kb >= 0) & (kb <= qb)
-        keys = tl.maximum(kb, 0) * BLOCK + keys0
-        k = tl.load(K + b * skb + g * skh + keys[:, None] * skn + d[None, :],
-                    mask=live & (keys[:, None] < N) & (d[None, :] < D), other=0.0)
-        s = tl.dot(q, tl.trans(k))
-        visible = live & (keys[None, :] <= pos[:, None]) & (keys[None, :] < N)
-        if HAS_VALID:
-            visible = visible & (tl.load(VALID + b * svb + keys, mask=keys < N, other=0) != 0)[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        peak = tl.max(s, 1)
-        peak = tl.where(peak == float("-inf"), 0.0, peak)
-        block_lse = peak + tl.log2(tl.sum(tl.exp2(s - peak[:, None]), 1))
-        lse = tl.where(slot[None, :] == w, block_lse[:, None], lse)
+        if w <= qb:  # a row has at most qb + 1 candidates; its empty slots come last
+            kb = tl.load(cand + w)
+            live = (kb >= 0) & (kb <= qb)
+            keys = tl.maximum(kb, 0) * BLOCK + keys0
+            k = tl.load(K + b * skb + g * skh + keys[:, None] * skn + d[None, :],
+                        mask=live & (keys[:, None] < N) & (d[None, :] < D), other=0.0)
+            s = tl.dot(q, tl.trans(k))
+            visible = live & (keys[None, :] <= pos[:, None]) & (keys[None, :] < N)
+            if HAS_VALID:
+                visible = visible & (tl.load(VALID + b * svb + keys, mask=keys < N, other=0) != 0)[None, :]
+            s = tl.where(visible, s, float("-inf"))
+            peak = tl.max(s, 1)
+            peak = tl.where(peak == float("-inf"), 0.0, peak)
+            block_lse = peak + tl.log2(tl.sum(tl.exp2(s - peak[:, None]), 1))
+            lse = tl.where(slot[None, :] == w, block_lse[:, None], lse)
     row_peak = tl.maximum(tl.max(lse, 1), -1e30)  # finite for a row with no visible key
     row_lse = row_peak + tl.log2(tl.sum(tl.exp2(lse - row_peak[:, None]), 1))
     counted = row_ok & (row_lse > float("-inf"))

@@ -98,11 +98,14 @@ def test_key_padding_is_masked_exactly(padding, device):
     else:
         valid[:, 5 : seq_len * 2 // 3 : 3] = 0
     valid = valid.to(device)
-    for density in (1.0, 0.4):
-        cfg = SparseConfig(density=density, block_size=block, min_seq_len=0, last_q=8)
+    # The last config is screened: 3 candidates per row of 6 blocks.
+    screened = SparseConfig(density=0.4, block_size=block, min_seq_len=0, taper_from=2 * block, candidates=1.5)
+    assert screened.candidate_width() == 3
+    for cfg in (SparseConfig(density=1.0, block_size=block, min_seq_len=0, last_q=8),
+                SparseConfig(density=0.4, block_size=block, min_seq_len=0, last_q=8), screened):
         out, keep = compiled_op(device == "cuda")(q, k, v, cfg, kv_valid_BN=valid, return_keep=True)
         assert_close(out, masked_reference(q, k, v, token_mask(keep, block, seq_len, valid)))
-        if density == 1.0:
+        if cfg.density == 1.0:
             assert_close(out, dense_reference(q, k, v, kv_valid_BN=valid))
 
 
