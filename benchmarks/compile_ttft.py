@@ -56,7 +56,7 @@ from sa_compile.patterns import realized_density  # noqa: E402
 TINY_LENGTHS = "256,512,1024"
 TINY_EXTRA_DENSITY = 0.5  # beside the default 0.3, which sits at the sink + diagonal floor at 256
 LLAMA_LENGTHS = "16k,32k,64k,128k"
-GRADIENT_FROM, GRADIENT_TO = 64 * 1024, 128 * 1024
+GRADIENT_SPANS = tuple((n, 2 * n) for n in (64 * 1024, 128 * 1024, 256 * 1024))  # each doubling from 64K
 
 
 def _counts() -> dict:
@@ -174,16 +174,19 @@ def compile_summary(rows: list[dict]) -> dict:
 
 
 def growth_gradients(rows: list[dict]) -> dict:
-    """TTFT growth from 64K to 128K tokens, in seconds per 1K tokens, and its ratio to eager's."""
+    """TTFT growth over each doubling from 64K tokens that was measured (``"64k-128k"``, ...), in
+    seconds per 1K tokens, and its ratio to eager's over the same span."""
     ttft = {(r["system"], r["seq_len"]): r["ttft_s"] for r in rows if isinstance(r["ttft_s"], float)}
     gradients = {}
-    for system in dict.fromkeys(r["system"] for r in rows):
-        lo, hi = ttft.get((system, GRADIENT_FROM)), ttft.get((system, GRADIENT_TO))
-        if lo is not None and hi is not None:
-            gradients[system] = {"s_per_1k_tokens": (hi - lo) / ((GRADIENT_TO - GRADIENT_FROM) / 1024)}
-    eager = gradients.get("eager", {}).get("s_per_1k_tokens")
-    for entry in gradients.values():
-        entry["ratio_to_eager"] = entry["s_per_1k_tokens"] / eager if eager else None
+    for lo_n, hi_n in GRADIENT_SPANS:
+        span = f"{common.length_label(lo_n)}-{common.length_label(hi_n)}"
+        for system in dict.fromkeys(r["system"] for r in rows):
+            lo, hi = ttft.get((system, lo_n)), ttft.get((system, hi_n))
+            if lo is not None and hi is not None:
+                gradients.setdefault(span, {})[system] = {"s_per_1k_tokens": (hi - lo) / ((hi_n - lo_n) / 1024)}
+        eager = gradients.get(span, {}).get("eager", {}).get("s_per_1k_tokens")
+        for entry in gradients.get(span, {}).values():
+            entry["ratio_to_eager"] = entry["s_per_1k_tokens"] / eager if eager else None
     return gradients
 
 
@@ -308,13 +311,13 @@ def make_record(args, model, dtype, build_s, systems, rows, device, extra=None) 
         "timing": {"repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
                    "clock": "cuda events" if device.type == "cuda" else "perf_counter"},
         "sparse_configs": {s.name: s.sparse.describe() for s in systems if s.sparse is not None},
-        "compile": compile_summary(rows), "ttft_growth_64k_to_128k": growth_gradients(rows), "rows": rows,
+        "compile": compile_summary(rows), "ttft_growth": growth_gradients(rows), "rows": rows,
         **(extra or {}),
     }
 
 
 def print_report(record: dict) -> None:
-    rows, summary, gradients = record["rows"], record["compile"], record["ttft_growth_64k_to_128k"]
+    rows, summary, gradients = record["rows"], record["compile"], record["ttft_growth"]
     if "tensor_parallel" in record:
         tp = record["tensor_parallel"]
         print(f"Tensor parallel over {tp['tp']} devices ({tp['backend']}): {', '.join(tp['devices'])}\n")
@@ -331,8 +334,9 @@ def print_report(record: dict) -> None:
             print(f"\n{r['system']} at N={common.length_label(r['seq_len'])}: {r['ttft_s']} ({r['error']})")
     if gradients:
         print()
-        print(common.markdown_table(["system", "TTFT growth 64K→128K (s per 1K tokens)", "ratio to eager"], [
-            [s, g["s_per_1k_tokens"], g["ratio_to_eager"]] for s, g in gradients.items()]))
+        print(common.markdown_table(["system", "span", "TTFT growth (s per 1K tokens)", "ratio to eager's"], [
+            [s, span, g["s_per_1k_tokens"], g["ratio_to_eager"]] for span, by_system in gradients.items()
+            for s, g in by_system.items()]))
 
 
 def main(argv=None) -> None:
