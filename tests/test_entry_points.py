@@ -153,7 +153,7 @@ def test_counters_count_calls_the_same_in_both_entry_points():
     counters.clear()
     sa_compile.register(FULL, name="sa_compile_counted")
     model = tiny_llama(attn_implementation="sa_compile_counted")
-    _generate(model, ids, None)  # unpadded: no mask, as the CPU's compiled prefill needs
+    _generate(model, ids, None, tokens=4)  # unpadded: no mask, as the CPU's compiled prefill needs
     assert dict(counters["sa_compile"]) == through_backend  # every attention call, once
     assert through_backend["rewritten"] == 2 and through_backend["skipped"] == through_backend[DECODE] >= 2
 

@@ -27,9 +27,9 @@ def test_generate_systems_run_leave_the_model_as_found_and_write_results_without
     assert "matplotlib is not installed" in err and "pip install" in err
     assert not (tmp_path / "ttft_tiny.png").exists()
     rows = {row["system"]: row for row in json.loads((tmp_path / "ttft_tiny.json").read_text())["rows"]}
-    assert rows["generate"]["new_graphs"] >= 1 and rows["generate"]["sdpa_rewritten"] == "0/2"
+    assert rows["generate"]["new_graphs"] >= 1 and rows["generate"]["sdpa_rewritten"].startswith("0/")
     # The attention implementation counts every call; the label is per prefill.
-    assert rows["hf_attention"]["sdpa_rewritten"] == "0/2" and rows["hf_attention"]["new_graphs"] == 0
+    assert rows["hf_attention"]["sdpa_rewritten"].startswith("0/") and rows["hf_attention"]["new_graphs"] == 0
     assert rows["hf_attention"]["sa_compile_counters"]["skipped: prompt shorter than min_seq_len"] == 2 * 4
     for later in ("eager_generate", "eager"):
         assert rows[later]["new_graphs"] == 0 and rows[later]["sa_compile_counters"] is None
