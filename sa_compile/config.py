@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 import math
 import os
-
-import torch
 from dataclasses import dataclass, fields
 
 
@@ -127,6 +125,10 @@ class SparseConfig:
             object.__setattr__(self, "pattern", kind)
         _check(isinstance(self.pattern, PatternKind), "pattern", self.pattern,
                f"a PatternKind or one of {[k.value for k in PatternKind]}")
+        # Computed here, where every field is a plain number: the width is a shape, and a
+        # config traced by Dynamo (an input of a function compiled with dynamic=True) has
+        # symbolic fields that plain arithmetic cannot take.
+        object.__setattr__(self, "_candidate_width", _candidate_width(self))
 
     def density_at(self, num_blocks_) -> float:
         """The fraction of the causal block grid budgeted at ``num_blocks_`` blocks per side."""
@@ -137,7 +139,7 @@ class SparseConfig:
     def candidate_width(self) -> int | None:
         """Candidate slots per row of the screened search (a constant of the config, so one
         graph serves every length), or ``None`` when every causal block is scored."""
-        return _candidate_width(self)
+        return self._candidate_width
 
     def describe(self) -> dict:
         """A JSON-ready view, for benchmark records, logs and graph arguments."""
@@ -149,7 +151,6 @@ class SparseConfig:
         return cls(**{**described, "pattern": PatternKind(described["pattern"])})
 
 
-@torch._dynamo.assume_constant_result  # a shape: constant per config, also when Dynamo made fields symbolic
 def _candidate_width(config: SparseConfig) -> int | None:
     if (config.candidates is None or config.taper_from is None or config.pattern is not PatternKind.STRIDED_QUERY
             or config.search_head_budgets or config.patterns):

@@ -12,32 +12,39 @@ from sa_compile.sparse_op import build_block_mask, select_kept_blocks
 from .strategies import core, score_grids
 
 
-def assert_causal_lists(order_BHQK, count_BHQ, k=None):
-    """The invariants build_block_mask relies on, row by row."""
-    B, H, nb, _ = order_BHQK.shape
+def assert_causal_lists(order_BHQW, count_BHQ, k=None):
+    """The invariants build_block_mask relies on, row by row. The lists are ``nb`` wide (every
+    block ranked: each row a permutation, causal blocks first) or, from a screened search, as
+    wide as the candidates (each row's kept slots distinct causal blocks)."""
+    B, H, nb, W = order_BHQW.shape
     rows = torch.arange(nb)
-    assert torch.equal(order_BHQK[..., 0], rows.expand(B, H, nb)), "slot 0 is not the diagonal"
-    if nb > 1:
-        assert (order_BHQK[..., 1:, 1] == 0).all(), "slot 1 is not the sink"
-    assert torch.equal(order_BHQK.sort(-1).values, rows.expand_as(order_BHQK)), "a row is not a permutation"
-    listed_causal = order_BHQK <= rows[:, None]
-    slots = torch.arange(nb)
-    assert torch.equal(listed_causal, (slots <= rows[:, None]).expand_as(listed_causal)), "a block above the diagonal ranks among causal ones"
+    assert torch.equal(order_BHQW[..., 0], rows.expand(B, H, nb)), "slot 0 is not the diagonal"
+    if nb > 1 and W > 1:
+        assert (order_BHQW[..., 1:, 1] == 0).all(), "slot 1 is not the sink"
     assert bool((count_BHQ >= 1).all()) and bool((count_BHQ <= rows + 1).all())
     if k is not None:
         assert torch.equal(count_BHQ, torch.minimum(k, rows + 1).expand_as(count_BHQ))
-    keep = keep_mask(order_BHQK, count_BHQ)
+    slots = torch.arange(W)
+    kept_BHQW = slots < count_BHQ[..., None]
+    assert not (kept_BHQW & (order_BHQW > rows[:, None])).any(), "a kept block lies above the diagonal"
+    if W == nb:
+        assert torch.equal(order_BHQW.sort(-1).values, rows.expand_as(order_BHQW)), "a row is not a permutation"
+        listed_causal = order_BHQW <= rows[:, None]
+        assert torch.equal(listed_causal, (slots <= rows[:, None]).expand_as(listed_causal)), \
+            "a block above the diagonal ranks among causal ones"
+    keep = keep_mask(order_BHQW, count_BHQ)
+    assert torch.equal(keep.sum(-1), count_BHQ), "a block is kept twice"
     assert not keep[..., rows[:, None] < rows[None, :]].any(), "a block above the diagonal was kept"
 
 
-def assert_mask_is_causal(order_BHQK, count_BHQ, block=16):
+def assert_mask_is_causal(order_BHQW, count_BHQ, block=16):
     """BlockMask: each row's diagonal partial (causal mask_mod) and every full block strictly below it."""
-    nb = order_BHQK.shape[-1]
-    mask, _ = build_block_mask(order_BHQK, count_BHQ, block, nb * block)
+    nb = order_BHQW.shape[-2]
+    mask, _ = build_block_mask(order_BHQW, count_BHQ, block, nb * block)
     rows = torch.arange(nb)
     assert (mask.kv_num_blocks == 1).all() and torch.equal(mask.kv_indices[..., 0].long(), rows.expand_as(count_BHQ))
     full_num, full_idx = mask.full_kv_num_blocks.long(), mask.full_kv_indices.long()
-    listed = torch.arange(nb) < full_num[..., None]
+    listed = torch.arange(full_idx.shape[-1]) < full_num[..., None]
     assert not (listed & (full_idx >= rows[:, None])).any(), "a diagonal or future block runs without the mask"
 
 
