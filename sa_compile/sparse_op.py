@@ -92,22 +92,26 @@ def build_block_mask(order_BHQW, count_BHQ, block_size: int, seq_len, kv_valid_B
     are full. The lists need no compaction: the diagonal ranks first, so a row's full
     blocks are ``order_BHQW[..., 1:count_BHQ]``. With key padding the kept blocks split
     into full ones (every key valid) and partial ones (see :func:`split_by_valid_keys`).
-    The lists may be narrower than the grid (a screened search). Returns the mask and the
-    tensors its mask_mod reads.
+    The lists may be narrower or wider than the grid (a screened search's candidates);
+    both of the mask's index lists are made ``nb`` wide, one shape for both: torch 2.11's
+    CUDA kernel reads the full list at the partial list's offsets (2.13 reads each at its
+    own), and an illegal address or wrong rows follow from any other shape. Returns the mask
+    and the tensors its mask_mod reads.
     """
     B, H, nb, W = order_BHQW.shape
     order_BHQW = order_BHQW.to(torch.int32)
     count_BHQ = count_BHQ.to(torch.int32)
+    slot_K = torch.arange(nb, device=order_BHQW.device)
     if kv_valid_BN is None:
         partial = diagonal_only(B, H, nb, order_BHQW.device)
-        # Each list rotated left by one (its diagonal leaves the front). The wrapped-around
-        # last column lies past every row's count. A gather, not a cat: a cat's index wrapper
-        # met an index Max in torch 2.11's loop merging and failed to compile.
-        rotate_W = (torch.arange(W, device=order_BHQW.device) + 1) % W
-        full = (count_BHQ - 1, order_BHQW[..., rotate_W])
+        # Each list rotated left by one (its diagonal leaves the front) and made nb wide: slot
+        # s takes list slot s + 1, and slots past the list take slot 0, past every row's count.
+        # A gather, not a cat: a cat's index wrapper met an index Max in torch 2.11's loop
+        # merging and failed to compile.
+        full = (count_BHQ - 1, order_BHQW[..., torch.where(slot_K + 1 < W, slot_K + 1, 0)])
         mask_mod, buffers = causal_mask_mod, ()
     else:
-        partial, full = split_by_valid_keys(order_BHQW, count_BHQ, block_size, seq_len, kv_valid_BN)
+        partial, full = split_by_valid_keys(order_BHQW, count_BHQ, block_size, kv_valid_BN)
         mask_mod, buffers = causal_valid_mask_mod, (kv_valid_BN,)
     block_mask = BlockMask.from_kv_blocks(
         *partial, *full, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(seq_len, seq_len),
@@ -116,8 +120,9 @@ def build_block_mask(order_BHQW, count_BHQ, block_size: int, seq_len, kv_valid_B
     return block_mask, buffers
 
 
-def split_by_valid_keys(order_BHQW, count_BHQ, block_size: int, seq_len, kv_valid_BN):
-    """The kept blocks split, with key padding, into ``(partial, full)`` (count, indices) pairs.
+def split_by_valid_keys(order_BHQW, count_BHQ, block_size: int, kv_valid_BN):
+    """The kept blocks split, with key padding, into ``(partial, full)`` (count, indices) pairs,
+    each list ``nb`` wide.
 
     A kept block below the diagonal whose keys are all valid runs full (no mask_mod), as
     without padding: a tokenizer's all-ones mask costs nothing. The diagonal and blocks with
@@ -136,13 +141,12 @@ def split_by_valid_keys(order_BHQW, count_BHQ, block_size: int, seq_len, kv_vali
     # off-diagonal partial blocks (0), then the diagonal (1), then the rest (2).
     full_rank = torch.where(full_BHQW, 0, 1).to(torch.int32)
     partial_rank = torch.where(kept_BHQW & ~full_BHQW, torch.where(diagonal_BHQW, 1, 0), 2).to(torch.int32)
-    full_order = order_BHQW.gather(-1, torch.sort(full_rank, dim=-1, stable=True).indices)
-    partial_order = order_BHQW.gather(-1, torch.sort(partial_rank, dim=-1, stable=True).indices)
-    full_count = full_BHQW.sum(-1, dtype=torch.int32)
-    # FlexAttention reads the KV length off the partial list's width: make it the grid's
-    # (a screened search's lists are narrower; no row keeps more than nb blocks).
+    # Both lists nb wide (see build_block_mask); no row keeps more than nb blocks.
     slot_K = torch.arange(nb, device=order_BHQW.device)
-    partial_order = partial_order.gather(-1, torch.where(slot_K < W, slot_K, 0).expand(*order_BHQW.shape[:3], nb))
+    to_grid_K = torch.where(slot_K < W, slot_K, 0)
+    full_order = order_BHQW.gather(-1, torch.sort(full_rank, dim=-1, stable=True).indices)[..., to_grid_K]
+    partial_order = order_BHQW.gather(-1, torch.sort(partial_rank, dim=-1, stable=True).indices)[..., to_grid_K]
+    full_count = full_BHQW.sum(-1, dtype=torch.int32)
     return (count_BHQ - full_count, partial_order), (full_count, full_order)
 
 

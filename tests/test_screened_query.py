@@ -170,3 +170,29 @@ def test_cuda_kernel_matches_the_reference(dtype, shape):
         got = candidate_block_mass(q, k, valid, cand, block, stride, D**-0.5)
         expected = candidate_block_mass_reference(q, k, valid, cand, block, stride, D**-0.5)
         torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("width", [3, 9, 40])
+def test_block_mask_lists_are_grid_wide_and_alike_whatever_the_candidates_width(width, padded):
+    """torch 2.11's CUDA FlexAttention kernel reads the full-block list at the partial list's
+    offsets: both lists must be nb wide, one shape and one layout (narrower candidate lists
+    gave an illegal address on the H200, and wrong rows with key padding)."""
+    from sa_compile.sparse_op import build_block_mask
+
+    nb, block = 9, 16
+    gen = torch.Generator().manual_seed(width)
+    cand = candidate_blocks(torch.rand(1, 2, nb, nb, generator=gen), width)
+    order, count = select_candidate_lists(torch.rand(1, 2, nb, width, generator=gen), cand, nb, 0.4)
+    valid = torch.ones(1, nb * block, dtype=torch.int64)
+    if padded:
+        valid[0, 20:40] = 0
+    mask, _ = build_block_mask(order, count, block, nb * block, valid if padded else None)
+    assert mask.kv_indices.shape == mask.full_kv_indices.shape == (1, 2, nb, nb)
+    assert mask.kv_indices.stride() == mask.full_kv_indices.stride()
+    assert mask.kv_num_blocks.shape == mask.full_kv_num_blocks.shape == (1, 2, nb)
+    slots = torch.arange(nb)
+    listed = torch.zeros(1, 2, nb, nb + 1, dtype=torch.bool)
+    for num, idx in ((mask.kv_num_blocks, mask.kv_indices), (mask.full_kv_num_blocks, mask.full_kv_indices)):
+        listed |= torch.zeros_like(listed).scatter_(-1, torch.where(slots < num[..., None], idx.long(), nb), True)
+    assert torch.equal(listed[..., :nb], keep_mask(order, count))
