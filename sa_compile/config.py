@@ -7,6 +7,8 @@ import math
 import os
 from dataclasses import dataclass, fields
 
+from .eligibility import BLOCK_SIZES, is_int
+
 
 class PatternKind(enum.Enum):
     """How a head's block scores are estimated before the budgeted selection.
@@ -37,7 +39,6 @@ class PatternKind(enum.Enum):
     AUTO = "auto"
 
 
-_SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -97,17 +98,17 @@ class SparseConfig:
     def __post_init__(self) -> None:
         _check(isinstance(self.density, (int, float)) and 0.0 < self.density <= 1.0,
                "density", self.density, "a number in (0, 1]")
-        _check(self.block_size in _SUPPORTED_BLOCK_SIZES,
-               "block_size", self.block_size, f"one of {_SUPPORTED_BLOCK_SIZES}")
-        _check(_is_int(self.min_seq_len) and self.min_seq_len >= 0,
+        _check(self.block_size in BLOCK_SIZES,
+               "block_size", self.block_size, f"one of {BLOCK_SIZES}")
+        _check(is_int(self.min_seq_len) and self.min_seq_len >= 0,
                "min_seq_len", self.min_seq_len, "an integer >= 0")
-        _check(self.taper_from is None or (_is_int(self.taper_from) and self.taper_from >= self.block_size),
+        _check(self.taper_from is None or (is_int(self.taper_from) and self.taper_from >= self.block_size),
                "taper_from", self.taper_from, "None or an integer >= block_size")
-        _check(_is_int(self.last_q) and 1 <= self.last_q <= 4096,
+        _check(is_int(self.last_q) and 1 <= self.last_q <= 4096,
                "last_q", self.last_q, "an integer in [1, 4096]")
         # No f-string of the fields here: configs are also built while Dynamo traces
         # (dataclasses.replace), where an int field can be symbolic and would break the graph.
-        _check(_is_int(self.query_stride) and 1 <= self.query_stride <= self.block_size
+        _check(is_int(self.query_stride) and 1 <= self.query_stride <= self.block_size
                and self.block_size % self.query_stride == 0,
                "query_stride", self.query_stride, "a divisor of block_size")
         _check(self.candidates is None or (isinstance(self.candidates, (int, float)) and not isinstance(
@@ -164,10 +165,6 @@ def _candidate_width(config: SparseConfig) -> int | None:
     kept = math.floor((2 * nb + 1 - math.sqrt(max(0.0, (2 * nb + 1) ** 2 - 8 * budget))) / 2 + 1e-9)
     kept = min(max(kept, min(nb, 2)), nb)
     return max(2, math.ceil(config.candidates * kept))
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _plain(value):
