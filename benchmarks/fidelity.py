@@ -151,8 +151,8 @@ def parse_configs(text: str) -> list[tuple[PatternKind, float, dict]]:
 
 def spec_of(cfg: SparseConfig, args) -> tuple:
     """``cfg`` as ``parse_configs`` spells it, its overrides relative to the command line's."""
-    overrides = {field: getattr(cfg, field) for field in ("query_stride", "taper_from")
-                 if getattr(cfg, field) != getattr(args, field)}
+    overrides = {field: getattr(cfg, field) for field in ("query_stride", "taper_from", "candidates")
+                 if getattr(cfg, field) != getattr(args, field, getattr(SparseConfig, field))}
     return cfg.pattern, cfg.density, overrides
 
 
@@ -169,7 +169,8 @@ def wants_passkeys(args, cfg: SparseConfig) -> bool:
 def same_blocks(cfg: SparseConfig, n: int) -> tuple:
     """What decides the kept blocks at length ``n``: two configs equal here give the same run."""
     nb = -(-n // cfg.block_size)
-    return (cfg.pattern, cfg.density_at(nb), cfg.query_stride, cfg.block_size, cfg.search_head_budgets)
+    return (cfg.pattern, cfg.density_at(nb), cfg.query_stride, cfg.block_size, cfg.search_head_budgets,
+            cfg.candidate_width())
 
 
 @contextlib.contextmanager

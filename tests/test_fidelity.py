@@ -174,6 +174,14 @@ def test_config_overrides_parse_label_and_twins_below_the_taper():
         fidelity.parse_configs("strided_query:0.3:stride=8")
 
 
+def test_a_screened_config_is_labelled_and_never_taken_for_the_unscreened_one():
+    args = fidelity.parse_args(["--configs", "strided_query:0.3,strided_query:0.3:candidates=3", "--device", "cpu"])
+    plain, screened = fidelity.selections(args)
+    assert screened.candidates == 3 and fidelity.label(screened, args) == "strided_query:0.3:candidates=3.0"
+    # 123 candidates: a different run wherever a row has more causal blocks than that.
+    assert fidelity.same_blocks(plain, 65536) != fidelity.same_blocks(screened, 65536)
+
+
 @needs_model
 def test_yarn_loader_stretches_the_context():
     model = smollm2.load_model(yarn_factor=4)
