@@ -28,7 +28,6 @@ import attention  # noqa: E402
 from sa_compile import PatternKind, SparseConfig  # noqa: E402
 from sa_compile.selection import select_block_lists, select_candidate_lists, tapered_density  # noqa: E402
 from sa_compile.sparse_op import build_block_mask, estimate_block_scores  # noqa: E402
-from sa_compile.templates._blocks import num_blocks  # noqa: E402
 from sa_compile.templates.screened_query import screened_query_lists  # noqa: E402
 from sa_compile.templates.block_sparse import pooled_block_scores  # noqa: E402
 from sa_compile.templates.vertical_slash import last_q_attention, vertical_slash_block_scores  # noqa: E402
