@@ -5,7 +5,7 @@ and timed on the previous stage's output, so the stages add up to roughly the fu
 
     last-q attention -> vertical-slash scores (row-aware columns) ─┐
     pooled block scores ──────────────────────────────────────────┴> block selection -> BlockMask build -> kernel
-    screen -> candidates' strided mass (the default) ──────────────┘
+    screen -> candidates' strided mass (--candidates) ─────────────┘
 
 A ``torch.profiler`` pass over the fused op lists its heaviest kernels.
 
@@ -26,8 +26,8 @@ import _common as common  # noqa: E402
 import attention  # noqa: E402
 
 from sa_compile import PatternKind, SparseConfig  # noqa: E402
-from sa_compile.selection import select_block_lists, select_candidate_lists, tapered_density  # noqa: E402
-from sa_compile.sparse_op import build_block_mask, estimate_block_scores  # noqa: E402
+from sa_compile.selection import select_block_lists, select_candidate_lists  # noqa: E402
+from sa_compile.sparse_op import build_block_mask, estimate_block_scores, search_density  # noqa: E402
 from sa_compile.templates.screened_query import screened_query_lists  # noqa: E402
 from sa_compile.templates.block_sparse import pooled_block_scores  # noqa: E402
 from sa_compile.templates.vertical_slash import last_q_attention, vertical_slash_block_scores  # noqa: E402
@@ -42,20 +42,16 @@ def stages(config: SparseConfig, device):
         block_mask, _ = build_block_mask(*lists, bs, n)
         return tuple(getattr(block_mask, f) for f in attention._MASK_FIELDS)
 
-    def density(nb, device):
-        taper = None if config.taper_from is None else config.taper_from / bs
-        return tapered_density(config.density, taper, nb, device)
-
     width = config.candidate_width()
     if width is None:
         estimate = lambda q, k: estimate_block_scores(q, k, config, q.shape[-1] ** -0.5)  # noqa: E731
         select = lambda scores: select_block_lists(  # noqa: E731
-            scores, density(scores.shape[-1], scores.device), config.search_head_budgets)
+            scores, search_density(config, scores.shape[-1], scores.device), config.search_head_budgets)
     else:  # the screened search: candidates and their scores, then a selection among them
         estimate = lambda q, k: screened_query_lists(  # noqa: E731
             q, k, bs, config.query_stride, q.shape[-1] ** -0.5, width)
         select = lambda scored: select_candidate_lists(  # noqa: E731
-            *scored, scored[1].shape[-2], density(scored[1].shape[-2], scored[1].device))
+            *scored, scored[1].shape[-2], search_density(config, scored[1].shape[-2], scored[1].device))
 
     return {
         "last-q attention": compile_(lambda q, k: last_q_attention(q, k, config.last_q, q.shape[-1] ** -0.5), device),

@@ -39,8 +39,6 @@ class PatternKind(enum.Enum):
     AUTO = "auto"
 
 
-
-
 @dataclass(frozen=True)
 class SparseConfig:
     """What the sparse attention path computes, and when it is used.

@@ -49,6 +49,11 @@ def tapered_density(density: float, taper_blocks: float | None, num_blocks_, dev
 _KEY_LIMIT = 2.0**100
 
 
+def _finite_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Scores as float32 ranking keys: NaN lowest, infinities clamped to +-_KEY_LIMIT."""
+    return scores.float().nan_to_num(-_KEY_LIMIT, _KEY_LIMIT, -_KEY_LIMIT).clamp(-_KEY_LIMIT, _KEY_LIMIT)
+
+
 def rank_blocks(scores_BHQK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row's blocks in the order they are kept: diagonal, sink, then by score.
 
@@ -63,7 +68,7 @@ def rank_blocks(scores_BHQK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nb = scores_BHQK.shape[-1]
     idx = torch.arange(nb, device=scores_BHQK.device)
     free_QK = (idx[:, None] > idx[None, :]) & (idx[None, :] > 0)
-    keys = scores_BHQK.float().nan_to_num(-_KEY_LIMIT, _KEY_LIMIT, -_KEY_LIMIT).clamp(-_KEY_LIMIT, _KEY_LIMIT)
+    keys = _finite_keys(scores_BHQK)
     # Finite free keys against -inf elsewhere: row qb's qb - 1 free blocks sort first.
     free_keys_BHQK, free_order_BHQK = torch.sort(keys.masked_fill(~free_QK, float("-inf")), dim=-1,
                                                  descending=True, stable=True)
@@ -112,7 +117,7 @@ def select_candidate_lists(scores_BHQW: torch.Tensor, blocks_BHQW: torch.Tensor,
     """
     W = blocks_BHQW.shape[-1]
     slot_W = torch.arange(W, device=blocks_BHQW.device)
-    keys = scores_BHQW.float().nan_to_num(-_KEY_LIMIT, _KEY_LIMIT, -_KEY_LIMIT).clamp(-_KEY_LIMIT, _KEY_LIMIT)
+    keys = _finite_keys(scores_BHQW)
     keys = torch.where(slot_W < 2, float("inf"), keys)  # diagonal then sink, by construction
     keys = torch.where(blocks_BHQW < 0, float("-inf"), keys)
     _, order_BHQW = torch.sort(keys, dim=-1, descending=True, stable=True)

@@ -47,6 +47,13 @@ def head_kind_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_vali
     return scores_BHQK
 
 
+def search_density(config: SparseConfig, num_blocks_, device):
+    """The density the search spends at ``num_blocks_`` blocks per side: ``config.density``,
+    tapered past ``taper_from`` (an in-graph 0-d tensor, see :func:`tapered_density`)."""
+    taper_blocks = None if config.taper_from is None else config.taper_from / config.block_size
+    return tapered_density(config.density, taper_blocks, num_blocks_, device)
+
+
 def search_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None, head_pattern=None):
     """The per-head pattern search: each row's kept blocks, as ``order_BHQK[..., :count_BHQ]``
     (diagonal first, then the sink, then by score; see :func:`select_block_lists`). With a
@@ -58,8 +65,7 @@ def search_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_B
     if head_pattern is not None:
         return _search_with_table(q_BHND, k_BGND, config, scale, kv_valid_BN, **head_pattern)
     nb = num_blocks(q_BHND.shape[-2], config.block_size)
-    taper_blocks = None if config.taper_from is None else config.taper_from / config.block_size
-    density = tapered_density(config.density, taper_blocks, nb, q_BHND.device)
+    density = search_density(config, nb, q_BHND.device)
     width = config.candidate_width()
     if width is not None:
         scores_BHQW, blocks_BHQW = screened_query_lists(q_BHND, k_BGND, config.block_size, config.query_stride,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._blocks import block_offsets_QK, num_blocks, pad_to_blocks
+from ._blocks import block_means, block_offsets_QK, num_blocks, pad_to_blocks
 from .strided_query import sample_positions
 
 _CHUNK_BYTES = 1 << 28  # float32 logits per chunk of the torch path
@@ -56,10 +56,7 @@ def screen_scores(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size: int, s
     G = k_BGND.shape[1]
     nb = num_blocks(N, block_size)
     mean_BGKD, max_BGKD, min_BGKD = key_block_stats(k_BGND, block_size, kv_valid_BN)
-    # Each query block's mean query over its real rows (the last block may be short).
-    rows_Q1 = (N - torch.arange(nb, device=q_BHND.device) * block_size).clamp(max=block_size)[:, None]
-    q_BGXD = (pad_to_blocks(q_BHND.float(), block_size, dim=-2).unflatten(-2, (nb, block_size)).sum(-2)
-              / rows_Q1).reshape(B, G, (H // G) * nb, D) * scale
+    q_BGXD = block_means(q_BHND, block_size).reshape(B, G, (H // G) * nb, D) * scale
     mean_logits = q_BGXD @ mean_BGKD.transpose(-1, -2)
     bound_logits = q_BGXD.clamp(min=0) @ max_BGKD.transpose(-1, -2) + q_BGXD.clamp(max=0) @ min_BGKD.transpose(-1, -2)
     causal_QK = block_offsets_QK(nb, q_BHND.device) >= 0

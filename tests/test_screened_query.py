@@ -52,7 +52,8 @@ def test_candidate_mass_is_the_sampled_queries_exact_mass_over_candidates(seed, 
     nb = -(-n // block)
     # Any candidates, repeats excluded: random causal blocks, some slots empty.
     keys = torch.rand(1, 2, nb, nb, generator=gen).masked_fill(torch.ones(nb, nb, dtype=torch.bool).triu(1), -1)
-    cand = torch.where(keys.topk(min(width, nb), -1).values >= 0, keys.topk(min(width, nb), -1).indices, NO_BLOCK)
+    top = keys.topk(min(width, nb), -1)
+    cand = torch.where(top.values >= 0, top.indices, NO_BLOCK)
     got = candidate_block_mass_reference(q, k, kv_valid, cand, block, stride, 0.4, chunk_bytes=chunk_bytes)
     torch.testing.assert_close(got.double(), naive_candidate_mass(q, k, kv_valid, cand, block, stride, 0.4),
                                atol=1e-5, rtol=1e-5)
