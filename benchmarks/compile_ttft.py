@@ -56,6 +56,7 @@ from sa_compile.patterns import realized_density  # noqa: E402
 TINY_LENGTHS = "256,512,1024"
 TINY_EXTRA_DENSITY = 0.5  # beside the default 0.3, which sits at the sink + diagonal floor at 256
 LLAMA_LENGTHS = "16k,32k,64k,128k"
+EAGER_SYSTEMS = ("eager", "eager_generate")
 GRADIENT_SPANS = tuple((n, 2 * n) for n in (64 * 1024, 128 * 1024, 256 * 1024))  # each doubling from 64K
 
 
@@ -153,6 +154,25 @@ def add_comparisons(rows: list[dict]) -> None:
         row["max_abs_logit_diff_vs_eager"] = (row["logits"] - ref["logits"]).abs().max().item() if ok and ref else None
     for row in rows:
         row.pop("logits", None)
+
+
+def extrapolate_eager(rows: list[dict], lengths: list[int]) -> dict | None:
+    """Eager's TTFT at lengths it did not run, from ``t = a*N + b*N^2`` (the layers' linear part
+    and attention's quadratic one) through its two longest measured lengths, and each sparse
+    system's speedup against that. ``None`` when fewer than two lengths were measured."""
+    measured = sorted((r["seq_len"], r["ttft_s"]) for r in rows
+                      if r["system"] == "eager" and isinstance(r["ttft_s"], float))
+    if len(measured) < 2 or not lengths:
+        return None
+    (n1, t1), (n2, t2) = measured[-2:]
+    b = (t2 / n2 - t1 / n1) / (n2 - n1)
+    a = t1 / n1 - b * n1
+    estimate = {n: a * n + b * n * n for n in lengths}
+    speedups = {f"{r['system']}@{common.length_label(r['seq_len'])}": estimate[r["seq_len"]] / r["ttft_s"]
+                for r in rows if r["seq_len"] in estimate and isinstance(r["ttft_s"], float)}
+    return {"fit": f"t = a*N + b*N^2 through eager at {common.length_label(n1)} and {common.length_label(n2)}",
+            "a_s_per_token": a, "b_s_per_token2": b,
+            "ttft_s": {common.length_label(n): t for n, t in estimate.items()}, "speedup_vs_extrapolated_eager": speedups}
 
 
 def compile_summary(rows: list[dict]) -> dict:
@@ -262,6 +282,9 @@ def parse_args(argv=None):
                    help="--calibrate's target: kernel FLOPs as a fraction of dense causal attention (default 0.1)")
     common.add_run_arguments(p, repeats=3, warmup=1)
     parallel.add_arguments(p)
+    p.add_argument("--eager-up-to", type=_one_length, metavar="N",
+                   help="time the eager systems only up to N tokens (4k style allowed); longer lengths get eager's "
+                        "TTFT extrapolated from its two longest measured ones (default: every length)")
     p.add_argument("--mlp-chunks", type=int, default=1,
                    help="run each MLP over this many pieces of prompts >= 16K tokens, in every system "
                         "(sa_compile.chunk_mlp: less prefill memory; default 1, off)")
@@ -332,6 +355,10 @@ def print_report(record: dict) -> None:
     for r in rows:
         if not isinstance(r["ttft_s"], float):
             print(f"\n{r['system']} at N={common.length_label(r['seq_len'])}: {r['ttft_s']} ({r['error']})")
+    if record.get("eager_extrapolated"):
+        fit = record["eager_extrapolated"]
+        print(f"\neager extrapolated ({fit['fit']}): " + ", ".join(f"{n} {t:.3g} s" for n, t in fit["ttft_s"].items()))
+        print("speedup over it: " + ", ".join(f"{k} {v:.3g}x" for k, v in fit["speedup_vs_extrapolated_eager"].items()))
     if gradients:
         print()
         print(common.markdown_table(["system", "span", "TTFT growth (s per 1K tokens)", "ratio to eager's"], [
@@ -383,9 +410,14 @@ def main(argv=None) -> None:
 
     rows = []
     for system in systems:
-        rows += run_system(system, model, ids_by_len, args, device, progress, on_row=save_partial)
+        lengths = ids_by_len
+        if system.name in EAGER_SYSTEMS and args.eager_up_to is not None:
+            lengths = {n: ids for n, ids in ids_by_len.items() if n <= args.eager_up_to}
+        rows += run_system(system, model, lengths, args, device, progress, on_row=save_partial)
     add_comparisons(rows)
     if lead:
+        if args.eager_up_to is not None:
+            extra["eager_extrapolated"] = extrapolate_eager(rows, [n for n in args.lengths if n > args.eager_up_to])
         record = make_record(args, model, dtype, build_s, systems, rows, device, extra)
         common.write_json(args.out / f"{name}.json", record)
         (args.out / f"{name}.partial.json").unlink(missing_ok=True)
