@@ -38,8 +38,11 @@ stage() {  # stage NAME SECONDS COMMAND...: a stage that overruns is stopped, an
     shift 2
     echo "[$(date +%T)] start $name" >>"$R/progress"
     timeout "$limit" "$@" >"$R/$name.log" 2>&1
-    echo "[$(date +%T)] end $name rc=$?" >>"$R/progress"
+    local rc=$?
+    echo "[$(date +%T)] end $name rc=$rc" >>"$R/progress"
+    return $rc
 }
+finish() { echo "[$(date +%T)] done" >>"$R/progress"; exit; }
 
 case $PLAN in
 speed)
@@ -56,7 +59,7 @@ quality)
         --configs ${CONFIGS:-strided_query:0.3:taper_from=65536} --passkeys 0 --out "$R/fidelity"
     ;;
 scale)
-    stage tests 45 python3 -m pytest -q tests/test_screened_query.py -k "cuda and kernel"
+    stage tests 45 python3 -m pytest -q tests/test_screened_query.py -k "cuda and kernel" || finish
     stage ttft 500 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 64k,128k,256k,512k \
         --systems eager,${SYSTEMS:-sa_compile} --eager-up-to 128k --mlp-chunks 8 \
         --dynamic true --repeats 3 --warmup 0 --tag scale_h200 --out "$R/ttft"
@@ -65,4 +68,4 @@ scale)
     echo "unknown plan $PLAN" >>"$R/progress"
     ;;
 esac
-echo "[$(date +%T)] done" >>"$R/progress"
+finish
