@@ -72,3 +72,19 @@ def test_sparse_system_specs_set_the_density_and_named_fields():
     assert (system.sparse.density, system.sparse.query_stride, system.sparse.taper_from) == (0.2, 8, None)
     with pytest.raises(ValueError, match="bad override 'stride=8'"):
         _systems._system("sa_compile@0.2:stride=8", None, sa_compile.SparseConfig())
+
+
+def test_eager_past_its_last_length_is_extrapolated_through_a_linear_plus_quadratic_fit():
+    """`--eager-up-to`: eager's time at a length it did not run comes from t = a*N + b*N^2
+    through its two longest lengths, and each sparse row's speedup is against that."""
+    a, b = 2.8e-5, 4.4e-10  # seconds per token, per token^2: the H200's eager, roughly
+    rows = [{"system": "eager", "seq_len": n, "ttft_s": a * n + b * n * n} for n in (16384, 65536, 131072)]
+    rows.append({"system": "sa_compile", "seq_len": 524288, "ttft_s": 20.0})
+    rows.append({"system": "sa_compile", "seq_len": 262144, "ttft_s": "OOM"})
+    fit = compile_ttft.extrapolate_eager(rows, [262144, 524288])
+    assert "64k and 128k" in fit["fit"]
+    expected = a * 524288 + b * 524288**2
+    assert abs(fit["ttft_s"]["512k"] - expected) < 1e-9 * expected
+    assert abs(fit["speedup_vs_extrapolated_eager"]["sa_compile@512k"] - expected / 20.0) < 1e-9
+    assert "sa_compile@256k" not in fit["speedup_vs_extrapolated_eager"]  # no time, no speedup
+    assert compile_ttft.extrapolate_eager(rows[:1] + rows[3:], [524288]) is None  # one eager length: no fit
