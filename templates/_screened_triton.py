@@ -92,7 +92,11 @@ def _candidate_mass_kernel(Q, K, VALID, CAND, SCRATCH, OUT, sqb, sqh, sqn, skb, 
 def candidate_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, kv_valid_BN: torch.Tensor | None,
                               cand_BGQW: torch.Tensor, block_size: int, stride: int, scale: float,
                               *, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
-    """:func:`~sa_compile.templates.screened_query.candidate_block_mass_reference` on CUDA, fused."""
+    """:func:`~sa_compile.templates.screened_query.candidate_block_mass_reference` on CUDA, fused.
+
+    ``cand_BGQW`` as :func:`~sa_compile.templates.screened_query.candidate_blocks` makes it: slot 0
+    the row's diagonal, slots ``1 .. min(W, qb + 1) - 1`` distinct blocks below it, the rest
+    empty. The kernel relies on that order: it masks only slot 0 and reads no later slot."""
     B, H, N, D = q_BHND.shape
     G = k_BGND.shape[1]
     nb, W = cand_BGQW.shape[-2:]
