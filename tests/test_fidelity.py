@@ -1,5 +1,6 @@
 """The fidelity benchmark's metrics and loader, on short inputs (the long runs are benchmarks)."""
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -167,17 +168,21 @@ def test_config_overrides_parse_label_and_twins_below_the_taper():
     assert [fidelity.label(c, args) for c in configs] == [
         "strided_query:0.3", "strided_query:0.3:taper_from=none", "strided_query:0.2:query_stride=16"]
     assert [fidelity.wants_passkeys(args, c) for c in configs] == [False, False, True]
-    # Below taper_from the untapered twin keeps the same blocks; past it, fewer are kept.
-    assert fidelity.same_blocks(configs[0], 32768) == fidelity.same_blocks(configs[1], 32768)
-    assert fidelity.same_blocks(configs[0], 65536) != fidelity.same_blocks(configs[1], 65536)
+    # Below taper_from an untapered twin keeps the same blocks only without the screen: the
+    # default's 123 candidates per row already change 32K, where a row holds up to 256 blocks.
+    assert fidelity.same_blocks(configs[0], 32768) != fidelity.same_blocks(configs[1], 32768)
+    unscreened = dataclasses.replace(configs[0], candidates=None)
+    assert fidelity.same_blocks(unscreened, 32768) == fidelity.same_blocks(configs[1], 32768)
+    assert fidelity.same_blocks(unscreened, 65536) != fidelity.same_blocks(configs[1], 65536)
     with pytest.raises(ValueError, match="query_stride, taper_from"):
         fidelity.parse_configs("strided_query:0.3:stride=8")
 
 
 def test_a_screened_config_is_labelled_and_never_taken_for_the_unscreened_one():
-    args = fidelity.parse_args(["--configs", "strided_query:0.3,strided_query:0.3:candidates=3", "--device", "cpu"])
+    args = fidelity.parse_args(["--configs", "strided_query:0.3:candidates=none,strided_query:0.3", "--device", "cpu"])
     plain, screened = fidelity.selections(args)
-    assert screened.candidates == 3 and fidelity.label(screened, args) == "strided_query:0.3:candidates=3.0"
+    assert plain.candidates is None and fidelity.label(plain, args) == "strided_query:0.3:candidates=none"
+    assert screened.candidates == 3 and fidelity.label(screened, args) == "strided_query:0.3"  # the default
     # 123 candidates: a different run wherever a row has more causal blocks than that.
     assert fidelity.same_blocks(plain, 65536) != fidelity.same_blocks(screened, 65536)
 
