@@ -7,10 +7,12 @@ per-row counts, beside the oracle's (the blocks of most true mass at the same co
 - *strided*: every ``S``-th query of a block against every key it sees, its causal softmax summed
   per key block (``STRIDED_QUERY``, the default's sample);
 - *antidiagonal*: every query and every key, in ``S x S`` tiles: each tile's antidiagonal sum
-  ``sum_t q[aS + S-1-t] . k[bS + t]`` is one logit (scaled as the mean of its ``S`` terms), and
-  the causal softmax of those ``(N/S)^2`` logits is summed per block: each tile sees all of its
-  queries, each through ``1/S`` of the keys;
-- *strided + antidiagonal*: the two row-normalized scores added (twice the cost).
+  ``sum_t q[aS + S-1-t] . k[bS + t]`` is one logit, and the causal softmax of those
+  ``(N/S)^2`` logits is summed per block: each tile sees all of its queries, each through
+  ``1/S`` of the keys. The sum is scaled as one logit (*sum*, XAttention's choice) or as the
+  mean of its ``S`` terms (*mean*);
+- *strided + antidiagonal*: the strided and the *sum* scores, each row-normalized, added
+  (twice the cost).
 
     python benchmarks/experiments/antidiagonal_cpu.py --length 16384 --block-size 128
     python benchmarks/experiments/antidiagonal_cpu.py --length 16384 --block-size 32 --taper-from 4096
@@ -37,7 +39,7 @@ from sa_compile.templates.strided_query import strided_block_mass_reference  # n
 STRIDE = 8
 
 
-def antidiagonal_block_mass(q, k, block, scale, stride=STRIDE):
+def antidiagonal_block_mass(q, k, block, scale, stride=STRIDE, mean=False):
     """Antidiagonal tile logits' causal softmax, summed per (query block, key block): ``[B, H, nb, nb]``."""
     B, H, N, D = q.shape
     G, T = k.shape[1], N // stride
@@ -45,7 +47,8 @@ def antidiagonal_block_mass(q, k, block, scale, stride=STRIDE):
     q_t = q[:, :, : T * stride].reshape(B, H, T, stride, D).flip(3).reshape(B, H, T, stride * D)
     k_t = k[:, :, : T * stride].reshape(B, G, T, stride * D).repeat_interleave(H // G, 1)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    probs = torch.softmax(((q_t @ k_t.transpose(-1, -2)) * (scale / stride)).masked_fill(~causal, float("-inf")), -1)
+    logits = (q_t @ k_t.transpose(-1, -2)) * (scale / stride if mean else scale)
+    probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
     per = block // stride
     nb = N // block
     return probs.view(B, H, nb, per, nb, per).sum((3, 5))
@@ -88,8 +91,10 @@ def main(argv=None) -> None:
 
         strided = strided_block_mass_reference(q, k, None, bs, STRIDE, scale)
         antidiagonal = antidiagonal_block_mass(q, k, bs, scale)
+        antidiagonal_mean = antidiagonal_block_mass(q, k, bs, scale, mean=True)
         print(f"layer {layer}: N={N} nb={nb} K={int(counts.max())} kept mass: oracle {kept(mass):.4f}, "
-              f"strided {kept(strided):.4f}, antidiagonal {kept(antidiagonal):.4f}, "
+              f"strided {kept(strided):.4f}, antidiagonal sum {kept(antidiagonal):.4f}, "
+              f"antidiagonal mean {kept(antidiagonal_mean):.4f}, "
               f"strided + antidiagonal {kept(rows_to_one(strided) + rows_to_one(antidiagonal)):.4f}", flush=True)
     print(f"done {time.time() - start:.0f}s")
 
