@@ -118,12 +118,16 @@ def candidate_block_mass_reference(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, block
     B, H, N, _ = q_BHND.shape
     nb, W = cand_BGQW.shape[-2:]
     mass_BHQW = q_BHND.new_zeros(B, H, nb, W, dtype=torch.float32)
-    per_block = B * H * (block_size // stride) * W * block_size * 4
+    # Slots past a row's causal blocks hold no block: with fewer blocks than slots (short
+    # prompts, small blocks) only the first nb slots can hold one, and the rest stay 0.
+    live = min(W, nb)
+    cand_BGQW = cand_BGQW[..., :live]
+    per_block = B * H * (block_size // stride) * live * block_size * 4
     step = max(1, chunk_bytes // per_block)
     for start in range(0, nb, step):
         blocks = range(start, min(start + step, nb))
-        mass_BHQW[:, :, blocks.start:blocks.stop] = _chunk_mass(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, blocks,
-                                                               block_size, stride, scale)
+        mass_BHQW[:, :, blocks.start:blocks.stop, :live] = _chunk_mass(q_BHND, k_BGND, kv_valid_BN, cand_BGQW,
+                                                                      blocks, block_size, stride, scale)
     return mass_BHQW
 
 
