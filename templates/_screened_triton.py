@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._strided_triton import _SCRATCH_BYTES, _store_row_lse, launch_shape
+from ._strided_triton import _SCRATCH_BYTES, _row_lse, _store_tile_lse, launch_shape
 
 
 @triton.jit
@@ -47,39 +47,17 @@ def _candidate_mass_kernel(Q, K, VALID, CAND, SCRATCH, OUT, sqb, sqh, sqn, skb, 
     cand = CAND + b * scb + g * scg + qb.to(tl.int64) * scq
     scratch = SCRATCH + (pid_bg * tl.num_programs(0) + tile).to(tl.int64) * W * M
     live = tl.minimum(qb + 1, W)  # slots holding a block; the rest hold none
+    k_base, valid_base = K + b * skb + g * skh, VALID + b * svb
     # Slot 0, the diagonal: the one candidate the causal mask and the prompt's end cut.
-    keys = tl.load(cand) * BLOCK + keys0
-    k = tl.load(K + b * skb + g * skh + keys[:, None] * skn + d[None, :],
-                mask=(keys[:, None] < N) & (d[None, :] < D), other=0.0)
-    s = tl.dot(q, tl.trans(k))
-    visible = (keys[None, :] <= pos[:, None]) & (keys[None, :] < N)
-    if HAS_VALID:
-        visible = visible & (tl.load(VALID + b * svb + keys, mask=keys < N, other=0) != 0)[None, :]
-    _store_row_lse(scratch + m, tl.where(visible, s, float("-inf")))
+    _store_tile_lse(scratch + m, q, k_base, skn, valid_base, tl.load(cand) * BLOCK + keys0, pos, N, D, DP,
+                    HAS_VALID, CAUSAL=True)
     for w in range(1, live):  # below the diagonal: every key visible to every row
-        keys = tl.load(cand + w) * BLOCK + keys0
-        k = tl.load(K + b * skb + g * skh + keys[:, None] * skn + d[None, :], mask=d[None, :] < D, other=0.0)
-        s = tl.dot(q, tl.trans(k))
-        if HAS_VALID:
-            s = tl.where((tl.load(VALID + b * svb + keys) != 0)[None, :], s, float("-inf"))
-        _store_row_lse(scratch + w * M + m, s)
-    slot = tl.arange(0, KBT)
-    row_max = tl.full([M], float("-inf"), tl.float32)
-    for w0 in range(0, live, KBT):  # each row's peak over its candidates ...
-        blse = tl.load(scratch + (w0 + slot)[None, :] * M + m[:, None], mask=(w0 + slot < live)[None, :],
-                       other=float("-inf"))
-        row_max = tl.maximum(row_max, tl.max(blse, 1))
-    # Each loop result is used once (Triton 3.6's thread-locality pass asserts on a loop that
-    # accumulates a reduction otherwise). The floor keeps a row with no visible key finite.
-    row_peak = tl.maximum(row_max, -1e30)
-    row_total = tl.zeros([M], tl.float32)
-    for w0 in range(0, live, KBT):  # ... and its log-sum-exp over them
-        blse = tl.load(scratch + (w0 + slot)[None, :] * M + m[:, None], mask=(w0 + slot < live)[None, :],
-                       other=float("-inf"))
-        row_total += tl.sum(tl.exp2(blse - row_peak[:, None]), 1)
-    row_lse = row_peak + tl.log2(row_total)
+        _store_tile_lse(scratch + w * M + m, q, k_base, skn, valid_base, tl.load(cand + w) * BLOCK + keys0, pos, N,
+                        D, DP, HAS_VALID, CAUSAL=False)
+    row_lse = _row_lse(scratch, m, live, M, KBT)
     counted = row_ok & (row_lse > float("-inf"))
     j = tl.arange(0, HGP)
+    slot = tl.arange(0, KBT)
     out_row = OUT + b * sob + (g * HG + j)[:, None] * soh + qb.to(tl.int64) * soq
     for w0 in range(0, W, KBT):  # probabilities, each head's rows summed; empty slots get 0
         blse = tl.load(scratch + (w0 + slot)[None, :] * M + m[:, None], mask=(w0 + slot < live)[None, :],

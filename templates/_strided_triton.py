@@ -38,6 +38,50 @@ def _store_row_lse(ptr, s):
 
 
 @triton.jit
+def _store_tile_lse(ptr, q, k_base, skn, valid_base, keys, pos, N, D: tl.constexpr, DP: tl.constexpr,
+                    HAS_VALID: tl.constexpr, CAUSAL: tl.constexpr):
+    """The rows' logits against one key tile (``keys``; ``k_base`` and ``valid_base`` at the
+    batch and head), each row's log-sum-exp of them stored at ``ptr``. Only a diagonal tile
+    (``CAUSAL``) needs the causal mask and the prompt's end; a tile below it is visible to
+    every row."""
+    d = tl.arange(0, DP)
+    if CAUSAL:
+        k = tl.load(k_base + keys[:, None] * skn + d[None, :], mask=(keys[:, None] < N) & (d[None, :] < D), other=0.0)
+        s = tl.dot(q, tl.trans(k))
+        visible = (keys[None, :] <= pos[:, None]) & (keys[None, :] < N)
+        if HAS_VALID:
+            visible = visible & (tl.load(valid_base + keys, mask=keys < N, other=0) != 0)[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    else:
+        k = tl.load(k_base + keys[:, None] * skn + d[None, :], mask=d[None, :] < D, other=0.0)
+        s = tl.dot(q, tl.trans(k))
+        if HAS_VALID:
+            s = tl.where((tl.load(valid_base + keys) != 0)[None, :], s, float("-inf"))
+    _store_row_lse(ptr, s)
+
+
+@triton.jit
+def _row_lse(scratch, m, count, M: tl.constexpr, KBT: tl.constexpr):
+    """Each row's log-sum-exp over the first ``count`` tile log-sum-exps of its scratch (row
+    ``m`` of tile ``t`` at ``scratch + t * M + m``); ``-inf`` for a row with no visible key."""
+    slot = tl.arange(0, KBT)
+    row_max = tl.full([M], float("-inf"), tl.float32)
+    for t0 in range(0, count, KBT):  # each row's peak ...
+        blse = tl.load(scratch + (t0 + slot)[None, :] * M + m[:, None], mask=(t0 + slot < count)[None, :],
+                       other=float("-inf"))
+        row_max = tl.maximum(row_max, tl.max(blse, 1))
+    # Each loop result is used once: Triton 3.6's thread-locality pass asserts that of a loop
+    # that accumulates a reduction. The floor keeps a row with no visible key finite.
+    row_peak = tl.maximum(row_max, -1e30)
+    row_total = tl.zeros([M], tl.float32)
+    for t0 in range(0, count, KBT):  # ... and total
+        blse = tl.load(scratch + (t0 + slot)[None, :] * M + m[:, None], mask=(t0 + slot < count)[None, :],
+                       other=float("-inf"))
+        row_total += tl.sum(tl.exp2(blse - row_peak[:, None]), 1)
+    return row_peak + tl.log2(row_total)
+
+
+@triton.jit
 def _strided_mass_kernel(Q, K, VALID, SCRATCH, OUT, sqb, sqh, sqn, skb, skh, skn, svb, sob, soh, soq,
                          N, NB, G, qb_first, scale2,
                          HG: tl.constexpr, HGP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
@@ -66,41 +110,19 @@ def _strided_mass_kernel(Q, K, VALID, SCRATCH, OUT, sqb, sqh, sqn, skb, skh, skn
     # Pass 1: each key block's log-sum-exp, per row. Key blocks before the program's first
     # query block are visible to every row (no causal mask, no bound check); only its QBT
     # diagonal blocks are masked (11-22% faster than masking every tile, on the H200).
+    k_base, valid_base = K + b * skb + g * skh, VALID + b * svb
     for kb in range(0, qb0):
-        keys = kb * BLOCK + keys0
-        k = tl.load(K + b * skb + g * skh + keys[:, None] * skn + d[None, :], mask=d[None, :] < D, other=0.0)
-        s = tl.dot(q, tl.trans(k))
-        if HAS_VALID:
-            s = tl.where((tl.load(VALID + b * svb + keys) != 0)[None, :], s, float("-inf"))
-        _store_row_lse(scratch + kb * M + m, s)
+        _store_tile_lse(scratch + kb * M + m, q, k_base, skn, valid_base, kb * BLOCK + keys0, pos, N, D, DP,
+                        HAS_VALID, CAUSAL=False)
     for kb in range(qb0, qb_last + 1):
-        keys = kb * BLOCK + keys0
-        k = tl.load(K + b * skb + g * skh + keys[:, None] * skn + d[None, :],
-                    mask=(keys[:, None] < N) & (d[None, :] < D), other=0.0)
-        s = tl.dot(q, tl.trans(k))
-        visible = (keys[None, :] <= pos[:, None]) & (keys[None, :] < N)
-        if HAS_VALID:
-            visible = visible & (tl.load(VALID + b * svb + keys, mask=keys < N, other=0) != 0)[None, :]
-        _store_row_lse(scratch + kb * M + m, tl.where(visible, s, float("-inf")))
-    row_max = tl.full([M], float("-inf"), tl.float32)
-    kbt = tl.arange(0, KBT)
-    for kb0 in range(0, qb_last + 1, KBT):  # each row's overall peak ...
-        blse = tl.load(scratch + (kb0 + kbt)[None, :] * M + m[:, None], mask=(kb0 + kbt <= qb_last)[None, :],
-                       other=float("-inf"))
-        row_max = tl.maximum(row_max, tl.max(blse, 1))
-    # Each loop result is used once: Triton 3.6's thread-locality pass asserts that of a loop
-    # that accumulates a reduction. The floor keeps a row with no visible key finite.
-    row_peak = tl.maximum(row_max, -1e30)
-    row_total = tl.zeros([M], tl.float32)
-    for kb0 in range(0, qb_last + 1, KBT):  # ... and total, the row's log-sum-exp
-        blse = tl.load(scratch + (kb0 + kbt)[None, :] * M + m[:, None], mask=(kb0 + kbt <= qb_last)[None, :],
-                       other=float("-inf"))
-        row_total += tl.sum(tl.exp2(blse - row_peak[:, None]), 1)
-    row_lse = row_peak + tl.log2(row_total)
+        _store_tile_lse(scratch + kb * M + m, q, k_base, skn, valid_base, kb * BLOCK + keys0, pos, N, D, DP,
+                        HAS_VALID, CAUSAL=True)
+    row_lse = _row_lse(scratch, m, qb_last + 1, M, KBT)
     counted = row_ok & (row_lse > float("-inf"))
     j = tl.arange(0, QBT * HGP)  # one output row per (query block, head)
     qb_j = qb0 + j // HGP
     head_j = j % HGP
+    kbt = tl.arange(0, KBT)
     for kb0 in range(0, qb_last + 1, KBT):  # pass 2: probabilities, summed over each head's rows
         blse = tl.load(scratch + (kb0 + kbt)[None, :] * M + m[:, None], mask=(kb0 + kbt <= qb_last)[None, :],
                        other=float("-inf"))
