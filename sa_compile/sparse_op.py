@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
-from .config import PatternKind, SparseConfig
-from .estimates import kind_scores
+from .config import SparseConfig
+from .estimates import kind_name, kind_scores
 from .flex import causal_mask_mod, causal_valid_mask_mod, flex_attention_traced
 from .selection import (
     diagonal_only, keep_mask, select_block_lists, select_candidate_lists, select_head_block_lists, tapered_density,
@@ -27,7 +27,7 @@ from sa_compile.templates.screened_query import screened_query_lists
 
 def estimate_block_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None):
     """Row-normalized block scores ``[B, H_q, nb, nb]`` from the configured template(s)
-    (:data:`sa_compile.estimates.TEMPLATES`)."""
+    (the registry, :mod:`sa_compile.estimates`)."""
     return kind_scores([config.pattern], q_BHND, k_BGND, config, scale, kv_valid_BN)[config.pattern]
 
 
@@ -37,9 +37,9 @@ def head_kind_scores(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_vali
     Only the templates some head needs are computed, each once (``auto`` reuses the other
     two); a ``[H]`` kind index picks each head's scores with ``torch.where``, one select per
     kind present, never a loop over heads."""
-    present = list(dict.fromkeys(PatternKind(kind) for kind in head_kinds))
+    present = list(dict.fromkeys(kind_name(kind) for kind in head_kinds))
     scores = kind_scores(present, q_BHND, k_BGND, config, scale, kv_valid_BN)
-    kind_H11 = torch.tensor([present.index(PatternKind(kind)) for kind in head_kinds],
+    kind_H11 = torch.tensor([present.index(kind_name(kind)) for kind in head_kinds],
                             device=q_BHND.device)[:, None, None]
     scores_BHQK = scores[present[-1]]
     for index in range(len(present) - 2, -1, -1):

@@ -11,5 +11,5 @@ block diagonal, each causal row summing to one, so templates can be compared and
 - :mod:`sa_compile.templates.block_query`: block-mean queries against every key.
 - :mod:`sa_compile.templates.local`: no estimate, the sink and the nearest diagonals.
 
-:mod:`sa_compile.estimates` maps each :class:`~sa_compile.config.PatternKind` to its template.
+:mod:`sa_compile.estimates` is the registry: each kind's template, its search FLOPs, and whether calibration may choose it.
 """

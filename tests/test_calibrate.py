@@ -12,9 +12,11 @@ from torch._dynamo.utils import counters
 import sa_compile
 from sa_compile import SparseConfig
 from sa_compile.calibrate import (
-    Curves, allocate_head_budgets, compare_with_uniform, main, measure_layer, model_shape, table_from_curves,
+    Curves, allocate_head_budgets, compare_with_uniform, measure_layer, model_shape, table_from_curves,
 )
-from sa_compile.patterns import KINDS, ModelShape, PatternTable, realized_density
+from sa_compile.calibrate_cli import main
+from sa_compile.estimates import calibration_kinds
+from sa_compile.patterns import ModelShape, PatternTable, realized_density
 from sa_compile.selection import blocks_per_row, causal_block_count, grid_cost
 from sa_compile.sparse_op import select_kept_blocks, sparse_attention
 
@@ -74,7 +76,7 @@ def planted_qk(seed: int = 0):
 @pytest.fixture(scope="module")
 def planted_curves():
     retained, total = measure_layer(*planted_qk(), BLOCK, scale=1.0)
-    return Curves(num_blocks=NB, retained={0: retained}, total={0: total})
+    return Curves(num_blocks=NB, retained={0: retained}, total={0: total}, kinds=calibration_kinds())
 
 
 def _shape(layers=1, heads=3, kv_heads=3, head_dim=D):
@@ -87,7 +89,8 @@ def test_planted_heads_get_their_kind(planted_curves, target):
     assert table.kinds[0] == EXPECTED
     k_retrieval = int(blocks_per_row(NB, table.densities[0][2], "cpu"))
     kept_T = planted_curves.fractions(0)[:, 2, k_retrieval - 1]
-    local, vertical_slash, block_sparse = (kept_T[KINDS.index(kind)] for kind in KINDS[:3])
+    kinds = calibration_kinds()
+    local, vertical_slash, block_sparse = (kept_T[kinds.index(k)] for k in ("local", "vertical_slash", "block_sparse"))
     assert vertical_slash >= block_sparse - 1e-6 and vertical_slash > local + 0.01  # a tie, up to rounding
 
 
@@ -252,7 +255,7 @@ def test_command_line_calibrates_the_tiny_model(tmp_path, capsys):
     table = PatternTable.load(out)
     table.check_model(**{f: getattr(model_shape(tiny_llama()), f)
                          for f in ("num_layers", "num_heads", "num_kv_heads", "head_dim")})
-    assert table.block_size == 16 and table.reference_len == 1024 and all(k in KINDS for r in table.kinds for k in r)
+    assert table.block_size == 16 and table.reference_len == 1024 and all(k in calibration_kinds() for r in table.kinds for k in r)
     held_out = dict(table.calibration)["held_out"]["table"]["computed_fraction"]
     assert 0.95 * 0.2 <= held_out <= 0.2
     assert "wrote" in capsys.readouterr().out
