@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from pathlib import Path
 
 import torch
@@ -22,13 +21,12 @@ from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as common  # noqa: E402
+import _common as common
 
-from sa_compile import SparseConfig, sparse_attention  # noqa: E402
-from sa_compile.flex import causal_mask_mod  # noqa: E402
-from sa_compile.patterns import realized_density  # noqa: E402
-from sa_compile.sparse_op import build_block_mask, search_blocks  # noqa: E402
+from sa_compile import SparseConfig, sparse_attention
+from sa_compile.flex import causal_mask_mod
+from sa_compile.patterns import realized_density
+from sa_compile.sparse_op import build_block_mask, search_blocks
 
 CUDA_SHAPE = {"heads": 32, "kv_heads": 8, "head_dim": 128, "dtype": "bfloat16", "lengths": "16k,32k,64k,128k",
               "block_size": 128}

@@ -35,7 +35,6 @@ peak memory of every device is reported.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -43,15 +42,14 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _calibrated as calibrated  # noqa: E402
-import _common as common  # noqa: E402
-import _parallel as parallel  # noqa: E402
-from _models import build_model  # noqa: E402
-from _systems import System, make_systems  # noqa: E402
+import _calibrated as calibrated
+import _common as common
+import _parallel as parallel
+from _models import build_model
+from _systems import System, make_systems
 
-import sa_compile  # noqa: E402
-from sa_compile.patterns import realized_density  # noqa: E402
+import sa_compile
+from sa_compile.patterns import realized_density
 
 TINY_LENGTHS = "256,512,1024"
 TINY_EXTRA_DENSITY = 0.5  # beside the default 0.3, which sits at the sink + diagonal floor at 256

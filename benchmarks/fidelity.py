@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import sys
 import time
 from pathlib import Path
 
@@ -41,19 +40,18 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as common  # noqa: E402
-import _smollm2 as smollm2  # noqa: E402
-from _passkey import DECODE_STEPS, FILLER, QUESTION, passkey_run, prefill  # noqa: E402
+import _common as common
+import _smollm2 as smollm2
+from _passkey import DECODE_STEPS, FILLER, QUESTION, passkey_run, prefill
 
-import sa_compile  # noqa: E402
-from sa_compile import PatternKind, SparseConfig  # noqa: E402
-from sa_compile.calibrate import attention_qk  # noqa: E402
-from sa_compile.eligibility import MIN_GPU_BLOCK  # noqa: E402
-from sa_compile.patterns import realized_density  # noqa: E402
-from sa_compile.reference import (  # noqa: E402
+import sa_compile
+from sa_compile import PatternKind, SparseConfig
+from sa_compile.calibrate import attention_qk
+from sa_compile.eligibility import MIN_GPU_BLOCK
+from sa_compile.patterns import realized_density
+from sa_compile.reference import (
     block_attention, block_recall, oracle_keep, recall_summary, true_block_mass)
-from sa_compile.sparse_op import select_kept_blocks  # noqa: E402
+from sa_compile.sparse_op import select_kept_blocks
 
 
 def yarn_factor(args, seq_len: int) -> int:

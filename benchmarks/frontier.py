@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as common  # noqa: E402
+import _common as common
 
-from sa_compile import SparseConfig  # noqa: E402
+from sa_compile import SparseConfig
 
 _KEY_FIELDS = ("pattern", "density", "query_stride", "taper_from")
 

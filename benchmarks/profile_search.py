@@ -16,21 +16,18 @@ A ``torch.profiler`` pass over the fused op lists its heaviest kernels.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as common  # noqa: E402
-import attention  # noqa: E402
+import _common as common
+import attention
 
-from sa_compile import PatternKind, SparseConfig  # noqa: E402
-from sa_compile.selection import select_block_lists, select_candidate_lists  # noqa: E402
-from sa_compile.sparse_op import build_block_mask, estimate_block_scores, search_density  # noqa: E402
-from sa_compile.templates.screened_query import screened_query_lists  # noqa: E402
-from sa_compile.templates.block_sparse import pooled_block_scores  # noqa: E402
-from sa_compile.templates.vertical_slash import last_q_attention, vertical_slash_block_scores  # noqa: E402
+from sa_compile import PatternKind, SparseConfig
+from sa_compile.selection import select_block_lists, select_candidate_lists
+from sa_compile.sparse_op import build_block_mask, estimate_block_scores, search_density
+from sa_compile.templates.screened_query import screened_query_lists
+from sa_compile.templates.block_sparse import pooled_block_scores
+from sa_compile.templates.vertical_slash import last_q_attention, vertical_slash_block_scores
 
 
 def stages(config: SparseConfig, device):

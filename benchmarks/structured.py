@@ -22,7 +22,6 @@ The true block mass is computed in float32 one chunk of query rows at a time (ne
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -31,16 +30,15 @@ import torch
 from torch._dynamo.utils import counters
 from torch.nn.attention.flex_attention import flex_attention
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as common  # noqa: E402
-from _structured_inputs import structured_inputs  # noqa: E402
-from attention import dense_sdpa  # noqa: E402  (cuDNN SDPA where it runs, as the attention benchmark)
+import _common as common
+from _structured_inputs import structured_inputs
+from attention import dense_sdpa  # cuDNN SDPA where it runs, as the attention benchmark
 
-from sa_compile import SparseConfig, sparse_attention  # noqa: E402
-from sa_compile.reference import (  # noqa: E402
+from sa_compile import SparseConfig, sparse_attention
+from sa_compile.reference import (
     block_recall, oracle_keep, recall_summary, search_counts, selection_block_mask, true_block_mass,
 )
-from sa_compile.selection import causal_block_count  # noqa: E402
+from sa_compile.selection import causal_block_count
 
 GPU_DEFAULTS = {"lengths": "32k,64k,128k", "block_size": 128, "dtype": "bfloat16"}
 CPU_DEFAULTS = {"lengths": "2k,4k", "block_size": 64, "dtype": "float32"}

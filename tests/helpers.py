@@ -58,13 +58,17 @@ def attention_inputs(seed: int, batch: int, heads: int, kv_heads: int, seq_len: 
 def benchmark_script(name: str):
     """``benchmarks/<name>.py`` as a module, for the tests of the benchmark scripts themselves
     (every reference they measure against is in :mod:`sa_compile.reference`). The scripts are
-    not a package: each runs as ``python benchmarks/<name>.py`` and finds its helpers beside
-    it, so it is loaded from its file, as Python runs it. Example::
+    not a package: each runs as ``python benchmarks/<name>.py``, where Python puts the
+    script's folder first on ``sys.path`` and its helpers import from there. Here it is loaded
+    from its file the same way. Example::
 
         fidelity = benchmark_script("fidelity")
     """
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        path = Path(folder) / f"{name}.py"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module

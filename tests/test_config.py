@@ -51,9 +51,15 @@ def test_density_tapers_past_taper_from():
     assert SparseConfig(density=0.1, taper_from=None).density_at(1024) == 0.1
 
 
-def test_config_is_frozen():
-    with pytest.raises(AttributeError):
-        SparseConfig().density = 0.5
+def test_configs_are_values_and_replace_validates():
+    """The pass keys graphs and logs by config, so equal configs hash equal; a field changed
+    with dataclasses.replace is validated like a new config."""
+    import dataclasses
+
+    assert SparseConfig(pattern="strided_query") == SparseConfig() and len({SparseConfig(), SparseConfig()}) == 1
+    assert SparseConfig.from_fields(SparseConfig(density=0.2).describe()) == SparseConfig(density=0.2)
+    with pytest.raises(ValueError, match="density"):
+        dataclasses.replace(SparseConfig(), density=2.0)
 
 
 def test_make_backend_rejects_other_configs():

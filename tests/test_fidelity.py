@@ -132,12 +132,19 @@ def test_prefill_hands_the_model_row_major_ids():
     assert seen == [(64, 1), (64, 1)]
 
 
-def test_plot_draws_search_and_oracle_curves(tmp_path):
-    pytest.importorskip("matplotlib")
+def test_plot_draws_search_and_oracle_curves(tmp_path, monkeypatch):
+    """One solid curve per (length, kind) in computed-fraction order, and the oracle's dashed beside it."""
+    drawn = []
+    monkeypatch.setattr(fidelity.common, "plot_panels", lambda path, panels, title: drawn.extend(panels))
     rows = [{"seq_len": 32768, "pattern": "strided_query", "computed_fraction": d, "budget_fraction": d, "kl": kl,
-             "oracle": {"kl": kl / 2}} for d, kl in ((0.1, 0.2), (0.3, 0.05))]
+             "oracle": {"kl": kl / 2}} for d, kl in ((0.3, 0.05), (0.1, 0.2))]
+    rows.append({"seq_len": 16384, "pattern": "strided_query", "computed_fraction": None, "budget_fraction": 0.2,
+                 "kl": 0.1})
     fidelity.plot(rows, tmp_path / "fidelity.png")
-    assert (tmp_path / "fidelity.png").stat().st_size > 10_000
+    series = drawn[0]["series"]
+    assert series["strided_query, N=32768"] == ([0.1, 0.3], [0.2, 0.05])
+    assert series["oracle (strided_query's counts), N=32768"][:2] == ([0.1, 0.3], [0.1, 0.025])
+    assert series["strided_query, N=16384"] == ([0.2], [0.1]) and len(series) == 3  # no oracle run, no oracle curve
 
 
 def test_token_metrics_in_chunks_equal_one_pass():

@@ -3,6 +3,7 @@
 import json
 import sys
 
+import pytest
 import torch
 
 from sa_compile.patterns import realized_density
@@ -53,17 +54,21 @@ def test_the_tiny_default_compares_budgets_that_compute_different_fractions():
         assert extra - default > 0.15, (n, default, extra)  # not both at the sink + diagonal floor
 
 
-def test_speedups_are_over_eager_and_over_plain_inductor():
-    rows = [{"system": s, "seq_len": 512, "ttft_s": t, "logits": torch.zeros(1)}
-            for s, t in (("eager", 0.08), ("inductor", 0.04), ("sa_compile", 0.02))]
+def test_speedups_compare_each_system_with_eager_and_inductor_at_its_own_length():
+    rows = [{"system": s, "seq_len": n, "ttft_s": t, "logits": torch.full((1, 3), logit)}
+            for s, n, t, logit in (("eager", 512, 0.08, 0.0), ("eager", 1024, 0.3, 1.0), ("inductor", 512, 0.04, 0.0),
+                                   ("sa_compile", 512, 0.02, 0.25), ("sa_compile", 1024, 0.1, 1.5),
+                                   ("sa_compile", 2048, "failed: OOM", 0.0))]
     compile_ttft.add_comparisons(rows)
-    sparse = rows[-1]
-    assert sparse["speedup_vs_eager"] == 4.0 and sparse["speedup_vs_inductor"] == 2.0
+    at_512, at_1k, failed = rows[3:]
+    assert (at_512["speedup_vs_eager"], at_512["speedup_vs_inductor"]) == (4.0, 2.0)
+    assert at_1k["speedup_vs_eager"] == pytest.approx(3.0) and at_1k["speedup_vs_inductor"] is None  # no inductor at 1K
+    assert (at_512["max_abs_logit_diff_vs_eager"], at_1k["max_abs_logit_diff_vs_eager"]) == (0.25, 0.5)
+    assert failed["speedup_vs_eager"] is None and failed["max_abs_logit_diff_vs_eager"] is None
+    assert not any("logits" in r for r in rows)
 
 
 def test_sparse_system_specs_set_the_density_and_named_fields():
-    import pytest
-
     import sa_compile
 
     _systems = benchmark_script("_systems")
