@@ -100,26 +100,47 @@ def float_or_none(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
-_OVERRIDES = {"query_stride": int, "taper_from": int_or_none, "candidates": float_or_none}
+_OVERRIDES = {"pattern": str, "query_stride": int, "taper_from": int_or_none, "candidates": float_or_none}
+SELECTION_HELP = ("a selection is DENSITY[:field=value...], fields " + ", ".join(_OVERRIDES)
+                  + " (e.g. 0.3, 0.2:query_stride=16:taper_from=none, 0.1:pattern=block_query)")
+
+
+class SelectionError(ValueError, argparse.ArgumentTypeError):
+    """A badly spelled selection: a ``ValueError`` whose message argparse shows as it is."""
 
 
 def parse_overrides(items) -> dict:
-    """``["query_stride=8", "taper_from=none"]`` -> ``SparseConfig`` field overrides.
-
-    The fields a selection spec may set beside its density, as in ``strided_query:0.3:query_stride=8``
-    (fidelity) or ``sa_compile@0.3:taper_from=65536`` (TTFT systems)."""
+    """``["query_stride=8", "taper_from=none"]`` -> ``SparseConfig`` field overrides: the fields
+    a selection may set beside its density (see :func:`parse_selection`)."""
     overrides = {}
     for item in items:
         field, sep, value = item.partition("=")
         if not sep or field not in _OVERRIDES:
-            raise ValueError(f"bad override {item!r}: use field=value with field one of {', '.join(_OVERRIDES)}")
+            raise SelectionError(f"bad override {item!r}: use field=value with field one of {', '.join(_OVERRIDES)}")
         overrides[field] = _OVERRIDES[field](value)
     return overrides
 
 
 def overrides_label(overrides: dict) -> str:
     """``{"query_stride": 8}`` -> ``":query_stride=8"`` (empty for none), the spec's own spelling."""
-    return "".join(f":{k}={'none' if v is None else v}" for k, v in sorted(overrides.items()))
+    return "".join(f":{k}={'none' if v is None else getattr(v, 'value', v)}" for k, v in sorted(overrides.items()))
+
+
+def parse_selection(text: str) -> tuple[float, dict]:
+    """One spelling of a selection, wherever a command line takes one: ``DENSITY[:field=value...]``
+    -> ``(density, overrides)``, as in fidelity's ``--configs 0.3:query_stride=16`` and the TTFT
+    benchmark's ``--systems sa_compile@0.3:query_stride=16``."""
+    density, *overrides = text.strip().split(":")
+    try:
+        value = float(density)
+    except ValueError:
+        raise SelectionError(f"bad selection {text!r}: {SELECTION_HELP}") from None
+    return value, parse_overrides(overrides)
+
+
+def selection_label(density: float, overrides: dict) -> str:
+    """:func:`parse_selection`'s inverse: ``(0.3, {"query_stride": 16})`` -> ``"0.3:query_stride=16"``."""
+    return f"{density:g}{overrides_label(overrides)}"
 
 
 def length_label(n: int) -> str:

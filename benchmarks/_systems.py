@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import sa_compile
-from _common import overrides_label, parse_overrides
+from _common import SELECTION_HELP, parse_selection, selection_label
 from sa_compile.hf_cache import cache_argument
 
 BASE_SYSTEMS = ("eager", "inductor", "sa_compile")
@@ -131,10 +131,11 @@ def _system(name: str, args, base: sa_compile.SparseConfig) -> System:
         if args.patterns is None:
             raise SystemExit("system sa_compile+table needs --patterns FILE or --calibrate N")
         return System(name, replace(base, patterns=str(args.patterns)))
-    if name.startswith("sa_compile@"):  # sa_compile@0.3 or sa_compile@0.3:query_stride=8
-        density, *overrides = name.split("@", 1)[1].split(":")
-        fields = parse_overrides(overrides)
-        return System(f"sa_compile@{float(density):g}{overrides_label(fields)}",
-                      replace(base, density=float(density), **fields))
-    raise SystemExit(f"unknown system {name!r}: use eager, inductor, sa_compile, sa_compile@<density>, "
-                     f"sa_compile@<density>:query_stride=8 (or :taper_from=N|none), sa_compile+heads, sa_compile+table, {', '.join(GENERATE_SYSTEMS)}")
+    if name.startswith("sa_compile@"):  # sa_compile@SELECTION: sa_compile@0.3, sa_compile@0.3:query_stride=8
+        try:
+            density, fields = parse_selection(name.split("@", 1)[1])
+            return System(f"sa_compile@{selection_label(density, fields)}", replace(base, density=density, **fields))
+        except ValueError as e:  # a bad spelling, or a field value SparseConfig refuses
+            raise SystemExit(f"system {name!r}: {e}") from None
+    raise SystemExit(f"unknown system {name!r}: use eager, inductor, sa_compile, sa_compile@SELECTION "
+                     f"({SELECTION_HELP}), sa_compile+heads, sa_compile+table, {', '.join(GENERATE_SYSTEMS)}")

@@ -138,12 +138,18 @@ def selections(args) -> list[SparseConfig]:
             for pattern, density, overrides in specs]
 
 
-def parse_configs(text: str) -> list[tuple[PatternKind, float, dict]]:
-    """``"strided_query:0.3,strided_query:0.2:query_stride=8"`` -> (pattern, density, overrides)."""
+def parse_configs(text: str) -> list[tuple[PatternKind | str, float, dict]]:
+    """``"0.3,0.2:query_stride=8,0.1:pattern=auto"`` -> (pattern, density, overrides): selections
+    in the one spelling the benchmarks share (``_common.parse_selection``)."""
     specs = []
     for item in text.split(","):
-        pattern, density, *overrides = item.strip().split(":")
-        specs.append((PatternKind(pattern), float(density), common.parse_overrides(overrides)))
+        density, overrides = common.parse_selection(item)
+        pattern = overrides.pop("pattern", SparseConfig.pattern)
+        try:
+            pattern = SparseConfig(pattern=pattern).pattern
+        except ValueError as e:
+            raise common.SelectionError(str(e)) from None
+        specs.append((pattern, density, overrides))
     return specs
 
 
@@ -156,7 +162,9 @@ def spec_of(cfg: SparseConfig, args) -> tuple:
 
 def label(cfg: SparseConfig, args) -> str:
     pattern, density, overrides = spec_of(cfg, args)
-    return f"{pattern.value}:{density:g}{common.overrides_label(overrides)}"
+    if pattern != SparseConfig.pattern:
+        overrides = {"pattern": pattern, **overrides}
+    return common.selection_label(density, overrides)
 
 
 def wants_passkeys(args, cfg: SparseConfig) -> bool:
@@ -310,8 +318,8 @@ def parse_args(argv=None):
     p.add_argument("--densities", type=common.parse_floats, default=[0.1, 0.2, 0.3],
                    help="comma list of SparseConfig.density values, each run with every --patterns kind")
     p.add_argument("--configs", type=parse_configs,
-                   help="explicit selections 'pattern:density[:field=value...],...', fields query_stride and "
-                        "taper_from (instead of the product above)")
+                   help="explicit selections, comma-separated, instead of the product above: "
+                        + common.SELECTION_HELP)
     p.add_argument("--passkey-configs", type=parse_configs,
                    help="run passkeys only for these selections (same syntax; default: all)")
     p.add_argument("--query-stride", type=int, default=SparseConfig.query_stride,

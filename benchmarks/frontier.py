@@ -39,7 +39,9 @@ def selection_label(row: dict) -> str:
     overrides = {"query_stride": row["query_stride"]}
     if row["taper_from"] != SparseConfig.taper_from:
         overrides["taper_from"] = row["taper_from"]
-    return f"{row['pattern']}:{row['density']:g}{common.overrides_label(overrides)}"
+    if row["pattern"] != SparseConfig.pattern.value:
+        overrides["pattern"] = row["pattern"]
+    return common.selection_label(row["density"], overrides)
 
 
 def passkeys(row: dict) -> str:
@@ -96,7 +98,7 @@ def plot(path: Path, rows: list[dict], title: str) -> bool:
         timed = [r for r in rows if r["seq_len"] == n and r["speedup"] is not None]
         for r in timed:
             ax.scatter(r["speedup"], r["kl"], color="C0")
-            ax.annotate(r["config"].replace("strided_query:", ""), (r["speedup"], r["kl"]), fontsize=7)
+            ax.annotate(r["config"], (r["speedup"], r["kl"]), fontsize=7)
             if r["oracle_kl"] is not None:
                 ax.scatter(r["speedup"], r["oracle_kl"], color="C1", marker="x")
         ax.set(title=f"{common.length_label(n)}: search (dot), oracle at equal cost (x)",

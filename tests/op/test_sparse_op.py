@@ -14,7 +14,7 @@ from sa_compile.sparse_op import build_block_mask, select_kept_blocks
 
 from sa_compile.reference import dense_reference, masked_reference, token_mask
 
-from .helpers import BLOCK, DEVICES, assert_close, attention_inputs
+from ..helpers import BLOCK, DEVICES, assert_close, attention_inputs
 
 _compiled = {}
 

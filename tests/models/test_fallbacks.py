@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 import sa_compile
 from sa_compile import SparseConfig
 
-from .helpers import tiny_llama
+from ..helpers import tiny_llama
 
 CFG = SparseConfig(density=0.3, min_seq_len=0, block_size=16)
 EXACT = dict(atol=1e-5, rtol=1e-5)

@@ -9,7 +9,7 @@ from sa_compile import PatternKind, SparseConfig
 from sa_compile.reference import block_recall, oracle_keep, selection_block_mask, token_mask, true_block_mass
 from sa_compile.sparse_op import select_kept_blocks
 
-from .helpers import attention_inputs
+from ..helpers import attention_inputs
 
 
 def naive_block_mass(q, k, block_size):

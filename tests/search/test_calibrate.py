@@ -22,7 +22,7 @@ from sa_compile.sparse_op import select_kept_blocks, sparse_attention
 
 from sa_compile.reference import masked_reference, token_mask
 
-from .helpers import assert_close, attention_inputs, tiny_llama
+from ..helpers import assert_close, attention_inputs, tiny_llama
 
 N, D, BLOCK = 512, 32, 16
 NB = N // BLOCK

@@ -6,7 +6,7 @@ import torch
 import sa_compile
 from sa_compile import SparseConfig
 
-from .helpers import tiny_llama
+from ..helpers import tiny_llama
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # float32; the MLP acts per token, only matmul blocking changes
 

@@ -9,7 +9,7 @@ import sa_compile
 from sa_compile import SparseConfig
 from sa_compile.hf_cache import cache_argument
 
-from .helpers import DEVICES, sqnr_db, tiny_llama
+from ..helpers import DEVICES, sqnr_db, tiny_llama
 
 FULL = SparseConfig(density=1.0, min_seq_len=0, block_size=16)
 # The default config, but sparse from the first token and with blocks a tiny prompt can hold.

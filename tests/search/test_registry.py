@@ -18,7 +18,7 @@ from sa_compile.reference import dense_reference, masked_reference, token_mask
 from sa_compile.sparse_op import select_kept_blocks, sparse_attention
 from sa_compile.templates._blocks import block_offsets_QK
 
-from .helpers import assert_close, attention_inputs
+from ..helpers import assert_close, attention_inputs
 
 N, D, BLOCK = 256, 16, 16
 NB = N // BLOCK

@@ -11,7 +11,7 @@ from sa_compile.selection import (
     head_blocks_per_row, rank_blocks, select_blocks, tapered_density,
 )
 
-from .strategies import core
+from ..strategies import core
 
 
 @given(nb=st.integers(1, 300), density=st.floats(0.001, 1.0))

@@ -7,7 +7,7 @@ from transformers import DynamicCache
 
 from sa_compile.hf_cache import cache_argument, output_cache
 
-from .helpers import tiny_llama
+from ..helpers import tiny_llama
 
 
 class _Renamed(torch.nn.Module):

@@ -11,7 +11,7 @@ from sa_compile.templates.strided_query import (
     sample_positions, strided_block_mass, strided_block_mass_reference, strided_query_scores,
 )
 
-from .helpers import assert_close, attention_inputs
+from ..helpers import assert_close, attention_inputs
 
 
 def naive_strided_mass(q, k, kv_valid, block_size, stride, scale):

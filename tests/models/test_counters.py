@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 import sa_compile
 from sa_compile import SparseConfig
 
-from .helpers import tiny_llama
+from ..helpers import tiny_llama
 
 SHORT = "skipped: prompt shorter than min_seq_len"
 

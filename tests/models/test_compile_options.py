@@ -12,7 +12,7 @@ from sa_compile.compile_backend import inductor_options
 
 from sa_compile.reference import dense_reference
 
-from .helpers import assert_close, attention_inputs
+from ..helpers import assert_close, attention_inputs
 
 CFG = SparseConfig(density=1.0, min_seq_len=0, block_size=16)
 

@@ -15,8 +15,8 @@ from sa_compile.reference import (
 )
 from sa_compile.sparse_op import select_kept_blocks
 
-from .helpers import assert_close, attention_inputs, tiny_llama
-from .test_recall import naive_block_mass
+from ..helpers import assert_close, attention_inputs, tiny_llama
+from ..search.test_recall import naive_block_mass
 
 
 def naive_oracle_keep(mass_BHQK, counts_Q):

@@ -8,7 +8,7 @@ import sa_compile
 from sa_compile import SparseConfig
 from sa_compile.hf_attention import make_attention, plan_call, prefill_mask
 
-from .helpers import tiny_llama
+from ..helpers import tiny_llama
 
 FULL = SparseConfig(density=1.0, min_seq_len=32, block_size=16)
 LOGIT_TOL = dict(atol=1e-4, rtol=1e-4)  # float32 model, float32 kernels

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 import sa_compile
 from sa_compile import SparseConfig
 
-from .helpers import benchmark_script, tiny_llama
+from ..helpers import benchmark_script, tiny_llama
 
 fidelity = benchmark_script("fidelity")
 passkey = benchmark_script("_passkey")
@@ -157,8 +157,8 @@ def test_token_metrics_in_chunks_equal_one_pass():
 
 def test_yarn_factor_by_length_and_configs_parse():
     assert [smollm2.default_yarn_factor(n) for n in (4096, 8192, 16384, 65536, 131072)] == [1, 1, 2, 8, 16]
-    args = fidelity.parse_args(["--lengths", "16k,64k", "--configs", "strided_query:0.3,auto:0.1",
-                                "--passkey-configs", "auto:0.1", "--device", "cpu"])
+    args = fidelity.parse_args(["--lengths", "16k,64k", "--configs", "0.3,0.1:pattern=auto",
+                                "--passkey-configs", "0.1:pattern=auto", "--device", "cpu"])
     assert [fidelity.yarn_factor(args, n) for n in args.lengths] == [4, 8]
     configs = fidelity.selections(args)
     assert [(c.pattern.value, c.density) for c in configs] == [("strided_query", 0.3), ("auto", 0.1)]
@@ -166,14 +166,13 @@ def test_yarn_factor_by_length_and_configs_parse():
 
 
 def test_config_overrides_parse_label_and_twins_below_the_taper():
-    args = fidelity.parse_args(["--configs", "strided_query:0.3,strided_query:0.3:taper_from=none,"
-                                             "strided_query:0.2:query_stride=16",
-                                "--passkey-configs", "strided_query:0.2:query_stride=16", "--device", "cpu"])
+    args = fidelity.parse_args(["--configs", "0.3,0.3:taper_from=none,0.2:query_stride=16",
+                                "--passkey-configs", "0.2:query_stride=16", "--device", "cpu"])
     configs = fidelity.selections(args)
     assert [(c.density, c.query_stride, c.taper_from) for c in configs] == [(0.3, 8, 32768), (0.3, 8, None),
                                                                             (0.2, 16, 32768)]
     assert [fidelity.label(c, args) for c in configs] == [
-        "strided_query:0.3", "strided_query:0.3:taper_from=none", "strided_query:0.2:query_stride=16"]
+        "0.3", "0.3:taper_from=none", "0.2:query_stride=16"]
     assert [fidelity.wants_passkeys(args, c) for c in configs] == [False, False, True]
     # Below taper_from an untapered twin keeps the same blocks only without the screen: the
     # default's 123 candidates per row already change 32K, where a row holds up to 256 blocks.
@@ -182,14 +181,18 @@ def test_config_overrides_parse_label_and_twins_below_the_taper():
     assert fidelity.same_blocks(unscreened, 32768) == fidelity.same_blocks(configs[1], 32768)
     assert fidelity.same_blocks(unscreened, 65536) != fidelity.same_blocks(configs[1], 65536)
     with pytest.raises(ValueError, match="query_stride, taper_from"):
-        fidelity.parse_configs("strided_query:0.3:stride=8")
+        fidelity.parse_configs("0.3:stride=8")
+    with pytest.raises(ValueError, match="DENSITY\\[:field=value"):  # the old kind-first spelling
+        fidelity.parse_configs("strided_query:0.3")
+    with pytest.raises(ValueError, match="registered kind"):
+        fidelity.parse_configs("0.3:pattern=diagonal")
 
 
 def test_a_screened_config_is_labelled_and_never_taken_for_the_unscreened_one():
-    args = fidelity.parse_args(["--configs", "strided_query:0.3:candidates=none,strided_query:0.3", "--device", "cpu"])
+    args = fidelity.parse_args(["--configs", "0.3:candidates=none,0.3", "--device", "cpu"])
     plain, screened = fidelity.selections(args)
-    assert plain.candidates is None and fidelity.label(plain, args) == "strided_query:0.3:candidates=none"
-    assert screened.candidates == 3 and fidelity.label(screened, args) == "strided_query:0.3"  # the default
+    assert plain.candidates is None and fidelity.label(plain, args) == "0.3:candidates=none"
+    assert screened.candidates == 3 and fidelity.label(screened, args) == "0.3"  # the default
     # 123 candidates: a different run wherever a row has more causal blocks than that.
     assert fidelity.same_blocks(plain, 65536) != fidelity.same_blocks(screened, 65536)
 

@@ -21,7 +21,7 @@ from torch._dynamo.utils import counters
 import sa_compile
 from sa_compile import SparseConfig
 
-from .helpers import sqnr_db, tiny_llama
+from ..helpers import sqnr_db, tiny_llama
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")

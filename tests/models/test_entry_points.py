@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 import sa_compile
 from sa_compile import SparseConfig, eligibility
 
-from .helpers import tiny_llama
+from ..helpers import tiny_llama
 
 FULL = SparseConfig(density=1.0, min_seq_len=0, block_size=16)
 DECODE = f"skipped: {eligibility.DECODE}"

@@ -7,7 +7,7 @@ import torch
 
 from sa_compile import PatternKind
 
-from .helpers import benchmark_script
+from ..helpers import benchmark_script
 
 structured = benchmark_script("structured")
 common = benchmark_script("_common")

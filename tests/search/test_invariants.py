@@ -9,7 +9,7 @@ from sa_compile import PatternKind, SparseConfig
 from sa_compile.selection import blocks_per_row, keep_mask, rank_blocks, select_block_lists, select_head_block_lists
 from sa_compile.sparse_op import build_block_mask, select_kept_blocks
 
-from .strategies import core, score_grids
+from ..strategies import core, score_grids
 
 
 def assert_causal_lists(order_BHQW, count_BHQ, k=None):

@@ -18,9 +18,9 @@ from sa_compile.sparse_op import estimate_block_scores, search_blocks
 
 from sa_compile.reference import masked_reference, token_mask
 
-from .helpers import TOLERANCES, attention_inputs, tiny_llama
-from .strategies import attention_shapes, core, key_padding
-from .test_invariants import assert_causal_lists, assert_mask_is_causal
+from ..helpers import TOLERANCES, attention_inputs, tiny_llama
+from ..strategies import attention_shapes, core, key_padding
+from ..search.test_invariants import assert_causal_lists, assert_mask_is_causal
 
 BLOCK = 16
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

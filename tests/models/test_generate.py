@@ -7,7 +7,7 @@ from torch._dynamo.utils import counters
 import sa_compile
 from sa_compile import SparseConfig
 
-from .helpers import tiny_llama
+from ..helpers import tiny_llama
 
 FULL = SparseConfig(density=1.0, min_seq_len=32, block_size=16)
 DECODE = "skipped: query length differs from key length (decode step or cross attention)"

@@ -15,7 +15,7 @@ from sa_compile.templates.screened_query import (
 )
 from sa_compile.templates.strided_query import strided_block_mass_reference
 
-from .helpers import assert_close, attention_inputs
+from ..helpers import assert_close, attention_inputs
 
 
 def naive_candidate_mass(q, k, kv_valid, cand, block_size, stride, scale):
