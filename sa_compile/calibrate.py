@@ -29,6 +29,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from sa_compile.templates._blocks import num_blocks
+
 from .block_mass import retained_by_budget, true_block_mass
 from .config import SparseConfig
 from .estimates import calibration_kinds
@@ -211,7 +213,7 @@ def measure_model(model, prompts_BN: torch.Tensor, block_size: int, last_q: int 
     finally:
         for handle in handles:
             handle.remove()
-    return Curves(num_blocks=-(-prompts_BN.shape[1] // block_size), retained=retained, total=total, kinds=kinds)
+    return Curves(num_blocks=num_blocks(prompts_BN.shape[1], block_size), retained=retained, total=total, kinds=kinds)
 
 
 def calibrate(model, prompts_BN: torch.Tensor, target: float = 0.1, block_size: int = 64, last_q: int = 64,

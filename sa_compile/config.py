@@ -7,6 +7,8 @@ import math
 import os
 from dataclasses import dataclass, fields
 
+from sa_compile.templates._blocks import num_blocks
+
 from .eligibility import BLOCK_SIZES, is_int
 
 
@@ -172,7 +174,7 @@ def _candidate_width(config: SparseConfig) -> int | None:
         return None
     # The most blocks a row keeps at any length: at the taper (below it rows keep fewer, past
     # it the same or one or two fewer). Plain arithmetic, the same as selection.blocks_per_row.
-    nb = -(-config.taper_from // config.block_size)
+    nb = num_blocks(config.taper_from, config.block_size)
     budget = config.density * nb * (nb + 1) / 2
     kept = math.floor((2 * nb + 1 - math.sqrt(max(0.0, (2 * nb + 1) ** 2 - 8 * budget))) / 2 + 1e-9)
     kept = min(max(kept, min(nb, 2)), nb)

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from sa_compile.templates._blocks import num_blocks
 from sa_compile.templates.block_query import block_query_scores
 from sa_compile.templates.block_sparse import pooled_block_scores
 from sa_compile.templates.local import local_block_scores
@@ -114,7 +115,7 @@ def kind_scores(kinds, q_BHND, k_BGND, config: SparseConfig, scale: float, kv_va
 
 
 def _local(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN):
-    nb = -(-q_BHND.shape[-2] // config.block_size)
+    nb = num_blocks(q_BHND.shape[-2], config.block_size)
     return local_block_scores(nb, q_BHND.device).expand(*q_BHND.shape[:2], nb, nb)
 
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sa_compile.templates._blocks import num_blocks
+
 from .estimates import TEMPLATES
 from .eligibility import BLOCK_SIZES, is_int
 from .selection import blocks_per_row, causal_block_count, grid_cost
@@ -71,7 +73,7 @@ class PatternTable:
 
     @property
     def reference_blocks(self) -> int:
-        return -(-self.reference_len // self.block_size)
+        return num_blocks(self.reference_len, self.block_size)
 
     def to_json(self) -> dict:
         return {
@@ -134,7 +136,7 @@ class PatternTable:
         """Fraction of the causal block grid the table's heads compute at ``seq_len`` tokens,
         summed over every layer and head (exact: each head keeps ``min(K_h, qb + 1)`` blocks of
         row ``qb``, with ``K_h`` from the budget rule above)."""
-        nb = -(-seq_len // self.block_size)
+        nb = num_blocks(seq_len, self.block_size)
         scale = min(1.0, self.reference_blocks / nb) if self.taper else 1.0
         densities = [d * scale for row in self.densities for d in row]
         k_all = blocks_per_row(nb, torch.tensor(densities, dtype=torch.float64), "cpu")
@@ -216,6 +218,6 @@ def realized_density(seq_len: int, config) -> float:
         return 1.0
     if config.patterns is not None:
         return load_table(config.patterns).computed_fraction(seq_len)
-    nb = -(-seq_len // config.block_size)
+    nb = num_blocks(seq_len, config.block_size)
     k = int(blocks_per_row(nb, config.density_at(nb), "cpu"))
     return grid_cost(k, nb) / causal_block_count(nb)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from sa_compile.templates._blocks import num_blocks
+
 from .block_mass import true_block_mass
 from .config import SparseConfig
 from .flex import causal_mask_mod
@@ -152,7 +154,7 @@ def search_counts(config: SparseConfig, seq_len: int, device) -> torch.Tensor:
     ``search_head_budgets`` it spends the same total, shared between heads."""
     if config.patterns:
         raise ValueError("the oracle model follows one budget for every head: use a config without patterns")
-    nb = -(-seq_len // config.block_size)
+    nb = num_blocks(seq_len, config.block_size)
     return row_counts(blocks_per_row(nb, config.density_at(nb), device), nb, device)
 
 
