@@ -23,10 +23,13 @@
 #            TTFT of the default at LENGTHS (64K-512K) with MLPs in 2 chunks, eager up to 128K and
 #            extrapolated beyond. The default's first compile takes ~285 s on the H200 (8 chunks took
 #            over 430 s at 64K): the plan outlasts one call, so a second call polls on and collects.
-# SYSTEMS overrides the systems of `speed` (compiled ones, beside eager) and `scale` (all of them),
+#   generate TTFT of the README's path (`model.compile(backend=...)` then `generate()`) beside the
+#            compiled forward and eager at 32K-128K. Two compiles of ~260 s each: like `scale`, it
+#            outlasts one call.
+# SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
 # CONFIGS the fidelity configs of `quality`.
 set -u
-PLAN=${1:?usage: h200_measure.sh speed|quality|scale}
+PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate}
 R=/tmp/res
 mkdir -p "$R" /tmp/snap
 tar xzf .snap.tgz -C /tmp/snap && cp -r .whl /tmp/snap/ && { [ -d .text ] && cp -r .text /tmp/snap/; true; }
@@ -65,6 +68,11 @@ scale)
     stage ttft 900 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths ${LENGTHS:-64k,128k,256k,512k} \
         --systems ${SYSTEMS:-eager,sa_compile} --eager-up-to 128k --mlp-chunks 2 \
         --dynamic true --repeats 3 --warmup 0 --tag scale_h200 --out "$R/ttft"
+    ;;
+generate)
+    stage ttft 900 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 32k,64k,128k \
+        --systems ${SYSTEMS:-eager,sa_compile,generate} --dynamic true --repeats 3 --warmup 0 \
+        --tag generate_h200 --out "$R/ttft"
     ;;
 *)
     echo "unknown plan $PLAN" >>"$R/progress"
