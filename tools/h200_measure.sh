@@ -23,9 +23,10 @@
 #            TTFT of the default at LENGTHS (64K-512K) with MLPs in 2 chunks, eager up to 128K and
 #            extrapolated beyond. The default's first compile takes ~285 s on the H200 (8 chunks took
 #            over 430 s at 64K): the plan outlasts one call, so a second call polls on and collects.
-#   generate TTFT of the README's path (`model.compile(backend=...)` then `generate()`) beside the
-#            compiled forward and eager at 32K-128K. Two compiles of ~260 s each: like `scale`, it
-#            outlasts one call.
+#   generate where the screened search's time goes outside its kernel (the screen's softmaxes and
+#            top-k; 20 kernels, up to 512K), then TTFT of the README's path (`model.compile(backend=...)`
+#            then `generate()`) beside the compiled forward and eager at 32K-128K. Two compiles of
+#            ~260 s each: like `scale`, it outlasts one call.
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
 # CONFIGS the fidelity configs of `quality`.
 set -u
@@ -70,6 +71,7 @@ scale)
         --dynamic true --repeats 3 --warmup 0 --tag scale_h200 --out "$R/ttft"
     ;;
 generate)
+    stage profile 150 python3 $B/profile_search.py --lengths 32k,128k,512k --top 20 --out "$R/profile"
     stage ttft 900 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 32k,64k,128k \
         --systems ${SYSTEMS:-eager,sa_compile,generate} --dynamic true --repeats 3 --warmup 0 \
         --tag generate_h200 --out "$R/ttft"
