@@ -79,7 +79,8 @@ def test_strided_search_flops_are_the_causal_tiles_of_its_samples():
     cfg = SparseConfig(block_size=64, min_seq_len=0, query_stride=8, candidates=None)
     q, k = _qk()
     nb = SHAPE["N"] // cfg.block_size
-    one_block = SHAPE["B"] * SHAPE["H"] * (cfg.block_size // cfg.query_stride) * SHAPE["N"] * 4  # bytes of a chunk's logits
+    # Chunks of one query block: the float32 logits of one block's samples against every key.
+    one_block = SHAPE["B"] * SHAPE["H"] * (cfg.block_size // cfg.query_stride) * SHAPE["N"] * 4
     counted = _counted(lambda: strided_block_mass_reference(q, k, None, cfg.block_size, cfg.query_stride,
                                                             SHAPE["D"] ** -0.5, chunk_bytes=one_block))
     model = attention_cost(SHAPE["N"], cfg, heads=SHAPE["H"], head_dim=SHAPE["D"])["search_flops"]
