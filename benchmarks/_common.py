@@ -206,6 +206,25 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, repeats: int, war
     return Timing(statistics.median(samples), samples, max(peaks) if peaks else None)
 
 
+def time_queued(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Seconds per call of ``calls`` calls launched back to back, with no synchronization
+    between them: the cost when the host runs ahead of the device, as it does between the
+    layers of a prefill, so host launch gaps hide behind earlier work. On CPU, wall time."""
+    synchronize(device)
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) / calls
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / calls
+
+
 def wall_time(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
     """Host wall time of one call (synchronized), for first calls that include compilation."""
     synchronize(device)

@@ -7,7 +7,10 @@ and timed on the previous stage's output, so the stages add up to roughly the fu
     pooled block scores ──────────────────────────────────────────┴> block selection -> BlockMask build -> kernel
     screen -> candidates' strided mass (--candidates) ─────────────┘
 
-A ``torch.profiler`` pass over the fused op lists its heaviest kernels.
+Each stage is timed two ways: one call at a time between device events (``ms``: host launch
+gaps included, where a small stage waits on the host), and ``repeats`` calls launched back to
+back (``queued ms``: the host runs ahead, as between a prefill's layers). A ``torch.profiler``
+pass over the fused op lists its heaviest kernels.
 
     python benchmarks/profile_search.py                          # CUDA: 32/8 heads, dim 128, 16k-128k
     python benchmarks/profile_search.py --lengths 1024 --device cpu
@@ -94,7 +97,8 @@ def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[di
         say("first call (compiles if needed)")
         out = fn()
         timing = common.time_fn(fn, device, repeats=args.repeats, warmup=args.warmup)
-        rows.append({"seq_len": n, "stage": name, "ms": timing.median_s * 1e3})
+        queued = common.time_queued(fn, device, calls=args.repeats)
+        rows.append({"seq_len": n, "stage": name, "ms": timing.median_s * 1e3, "queued_ms": queued * 1e3})
         return out
 
     timed(base_label, dense)
@@ -112,9 +116,10 @@ def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[di
     timed("FlexAttention kernel", lambda: kernel(q, k, v, mask))
     e2e = attention.sparse_end_to_end(config, device)
     timed("sparse_attention (fused)", lambda: e2e(q, k, v))
-    dense_ms = rows[0]["ms"]
+    dense_ms, dense_queued_ms = rows[0]["ms"], rows[0]["queued_ms"]
     for r in rows:
         r["share_of_dense"] = r["ms"] / dense_ms
+        r["queued_share_of_dense"] = r["queued_ms"] / dense_queued_ms
     progress(f"N={label}: profiling the fused op")
     kernels = [{"seq_len": n} | k_ for k_ in top_kernels(lambda: e2e(q, k, v), device, args.top)]
     del q, k, v, scores, lists, tensors, mask
@@ -160,9 +165,9 @@ def main(argv=None) -> None:
         "config": profiled_config(args).describe(),
         "environment": env, "timing": {"repeats": args.repeats, "warmup": args.warmup, "statistic": "median"},
         "stages": rows, "top_kernels": kernels})
-    print(common.markdown_table(["N", "stage", "ms", "share of dense SDPA"],
-                                [[common.length_label(r["seq_len"]), r["stage"], r["ms"], r["share_of_dense"]]
-                                 for r in rows]))
+    print(common.markdown_table(["N", "stage", "ms", "share of dense SDPA", "queued ms", "queued share"],
+                                [[common.length_label(r["seq_len"]), r["stage"], r["ms"], r["share_of_dense"],
+                                  r["queued_ms"], r["queued_share_of_dense"]] for r in rows]))
     print()
     print(common.markdown_table(["N", "kernel", "ms", "calls"],
                                 [[common.length_label(k["seq_len"]), k["name"], k["ms"], k["calls"]] for k in kernels]))
