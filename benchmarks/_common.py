@@ -210,19 +210,13 @@ def time_queued(fn: Callable[[], object], device: torch.device, calls: int) -> f
     """Seconds per call of ``calls`` calls launched back to back, with no synchronization
     between them: the cost when the host runs ahead of the device, as it does between the
     layers of a prefill, so host launch gaps hide behind earlier work. On CPU, wall time."""
-    synchronize(device)
-    if device.type != "cuda":
-        start = time.perf_counter()
+    def queued():
         for _ in range(calls):
             fn()
-        return (time.perf_counter() - start) / calls
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / calls
+
+    synchronize(device)
+    seconds = _time_once_cuda(queued, device)[0] if device.type == "cuda" else _time_once_cpu(queued)
+    return seconds / calls
 
 
 def wall_time(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:

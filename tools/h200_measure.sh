@@ -71,7 +71,7 @@ scale)
         --dynamic true --repeats 3 --warmup 0 --tag scale_h200 --out "$R/ttft"
     ;;
 generate)
-    stage profile 150 python3 $B/profile_search.py --lengths 32k,128k,512k --top 20 --out "$R/profile"
+    stage profile 240 python3 $B/profile_search.py --lengths 32k,128k,512k --top 20 --out "$R/profile"
     stage ttft 900 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 32k,64k,128k \
         --systems ${SYSTEMS:-eager,sa_compile,generate} --dynamic true --repeats 3 --warmup 0 \
         --tag generate_h200 --out "$R/ttft"

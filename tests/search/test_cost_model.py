@@ -1,4 +1,4 @@
-"""The sympy cost model against the selection's exact block counts."""
+"""The sympy cost model against what the code computes: the selection's block counts and the searches' FLOPs."""
 
 import doctest
 
@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from torch.utils.flop_counter import FlopCounterMode
 
 import sa_compile.cost_model as cost_model
