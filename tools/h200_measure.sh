@@ -6,7 +6,9 @@
 #
 #   git archive --format=tar.gz -o .snap.tgz HEAD -- . ':!docs/results'
 #   device call (carry .whl .snap.tgz): (setsid bash tools/h200_measure.sh speed </dev/null >/tmp/driver.log 2>&1 &);
-#        for i in $(seq 54); do sleep 10; grep -q done /tmp/res/progress && break; done; bash tools/h200_collect.sh
+#        sleep 5; bash tools/h200_poll.sh 560
+#   a plan that outlasts one call: the next call, at once (a machine stays warm ~30 s): bash tools/h200_poll.sh
+#   (it stops at once on a fresh machine, where the first call's work is gone)
 #
 # PLAN (each fits one 10-minute call):
 #   speed    the screened kernel's CUDA test; TTFT beside eager at 32K and 128K, screened (candidates=3)
@@ -33,6 +35,7 @@ set -u
 PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate}
 R=/tmp/res
 mkdir -p "$R" /tmp/snap
+echo "[$(date +%T)] plan $PLAN" >>"$R/progress"  # before set-up: tools/h200_poll.sh looks for it
 tar xzf .snap.tgz -C /tmp/snap && cp -r .whl /tmp/snap/ && { [ -d .text ] && cp -r .text /tmp/snap/; true; }
 cd /tmp/snap
 source tools/device_setup.sh >"$R/setup.log" 2>&1
