@@ -41,6 +41,10 @@ cd /tmp/snap
 source tools/device_setup.sh >"$R/setup.log" 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/sm:${PYTHONPATH:-}
 B=benchmarks
+# The card the pool gave (a call for an H200 may get an H100): it names the result files.
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o -i -m1 "h[0-9]00" | tr A-Z a-z)
+CARD=${CARD:-gpu}
+echo "[$(date +%T)] card $CARD" >>"$R/progress"
 
 stage() {  # stage NAME SECONDS COMMAND...: a stage that overruns is stopped, and the next one starts
     local name=$1 limit=$2
@@ -58,7 +62,7 @@ speed)
     stage tests 45 python3 -m pytest -q tests/search/test_screened_query.py -k "cuda and kernel"
     stage ttft 420 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 32k,128k \
         --systems eager,${SYSTEMS:-sa_compile@0.3:candidates=3,sa_compile} \
-        --dynamic true --repeats 3 --warmup 0 --tag speed_h200 --out "$R/ttft"
+        --dynamic true --repeats 3 --warmup 0 --tag speed_$CARD --out "$R/ttft"
     stage profile 90 python3 $B/profile_search.py --lengths 32k,128k,256k --candidates 3 --top 6 --out "$R/profile"
     ;;
 quality)
@@ -71,13 +75,13 @@ scale)
     stage profile 150 python3 $B/profile_search.py --lengths 32k,128k,256k --top 6 --out "$R/profile"
     stage ttft 900 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths ${LENGTHS:-64k,128k,256k,512k} \
         --systems ${SYSTEMS:-eager,sa_compile} --eager-up-to 128k --mlp-chunks 2 \
-        --dynamic true --repeats 3 --warmup 0 --tag scale_h200 --out "$R/ttft"
+        --dynamic true --repeats 3 --warmup 0 --tag scale_$CARD --out "$R/ttft"
     ;;
 generate)
     stage profile 240 python3 $B/profile_search.py --lengths 32k,128k,512k --top 20 --out "$R/profile"
     stage ttft 900 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 32k,64k,128k \
         --systems ${SYSTEMS:-eager,sa_compile,generate} --dynamic true --repeats 3 --warmup 0 \
-        --tag generate_h200 --out "$R/ttft"
+        --tag generate_$CARD --out "$R/ttft"
     ;;
 *)
     echo "unknown plan $PLAN" >>"$R/progress"
