@@ -35,7 +35,9 @@ set -u
 PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate}
 R=/tmp/res
 mkdir -p "$R" /tmp/snap
-echo "[$(date +%T)] plan $PLAN" >>"$R/progress"  # before set-up: tools/h200_poll.sh looks for it
+# A new progress file (a warm machine may hold the last plan's "done"), written before set-up:
+# tools/h200_poll.sh looks for it.
+echo "[$(date +%T)] plan $PLAN" >"$R/progress"
 tar xzf .snap.tgz -C /tmp/snap && cp -r .whl /tmp/snap/ && { [ -d .text ] && cp -r .text /tmp/snap/; true; }
 cd /tmp/snap
 source tools/device_setup.sh >"$R/setup.log" 2>&1
