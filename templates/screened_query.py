@@ -13,8 +13,10 @@ average) and against an upper bound of its keys' logits (``relu(q) . max(k) + mi
 min(k)``, per dimension: a block holding one key that matches the query ranks high even
 when its mean does not). Each gives a causal softmax over key blocks; their sum, added over
 the query heads of a key head, is the screen. The diagonal block and the sink always come
-first. The sampled queries' softmax is then taken over the candidates' keys only, so a
-candidate's score is its share of the mass the candidates hold.
+first. On CUDA the screen is one fused kernel (:mod:`._screen_triton`, TF32 dots) that writes
+only each row's ranking keys; a top-k takes the candidates. The sampled queries' softmax is
+then taken over the candidates' keys only, so a candidate's score is its share of the mass
+the candidates hold.
 
 Run ``python -m sa_compile.templates.screened_query`` to draw the candidates and the scores
 on a planted input.
@@ -47,40 +49,88 @@ def key_block_stats(k_BGND: torch.Tensor, block_size: int, kv_valid_BN=None):
     return mean_BGKD, max_BGKD, min_BGKD
 
 
+def _screen_queries(q_BHND: torch.Tensor, G: int, block_size: int, scale: float) -> torch.Tensor:
+    """The query blocks' scaled means, ``[B, G, heads_per_group * nb, D]`` float32, rows ordered
+    (head, block)."""
+    B, H, N, D = q_BHND.shape
+    return block_means(q_BHND, block_size).reshape(B, G, (H // G) * num_blocks(N, block_size), D) * scale
+
+
+def _screen_from_stats(q_BGXD, mean_BGKD, max_BGKD, min_BGKD) -> torch.Tensor:
+    B, G, X, D = q_BGXD.shape
+    nb = mean_BGKD.shape[2]
+    mean_logits = q_BGXD @ mean_BGKD.transpose(-1, -2)
+    bound_logits = q_BGXD.clamp(min=0) @ max_BGKD.transpose(-1, -2) + q_BGXD.clamp(max=0) @ min_BGKD.transpose(-1, -2)
+    causal_QK = block_offsets_QK(nb, q_BGXD.device) >= 0
+    screen_BGQK = 0
+    for logits in (mean_logits, bound_logits):
+        logits_BGHQK = logits.view(B, G, X // nb, nb, nb).masked_fill(~causal_QK, float("-inf"))
+        screen_BGQK = screen_BGQK + torch.softmax(logits_BGHQK, dim=-1).sum(2)
+    return screen_BGQK
+
+
 def screen_scores(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size: int, scale: float,
                   kv_valid_BN=None) -> torch.Tensor:
     """The screen ``[B, G, nb, nb]`` float32: per key head, the sum over its query heads of
     two causal softmaxes of each query block's mean query, against the key blocks' mean
     keys and against their keys' logit bound."""
-    B, H, N, D = q_BHND.shape
     G = k_BGND.shape[1]
-    nb = num_blocks(N, block_size)
-    mean_BGKD, max_BGKD, min_BGKD = key_block_stats(k_BGND, block_size, kv_valid_BN)
-    q_BGXD = block_means(q_BHND, block_size).reshape(B, G, (H // G) * nb, D) * scale
-    mean_logits = q_BGXD @ mean_BGKD.transpose(-1, -2)
-    bound_logits = q_BGXD.clamp(min=0) @ max_BGKD.transpose(-1, -2) + q_BGXD.clamp(max=0) @ min_BGKD.transpose(-1, -2)
-    causal_QK = block_offsets_QK(nb, q_BHND.device) >= 0
-    screen_BGQK = 0
-    for logits in (mean_logits, bound_logits):
-        logits_BGHQK = logits.view(B, G, H // G, nb, nb).masked_fill(~causal_QK, float("-inf"))
-        screen_BGQK = screen_BGQK + torch.softmax(logits_BGHQK, dim=-1).sum(2)
-    return screen_BGQK
+    stats = key_block_stats(k_BGND, block_size, kv_valid_BN)
+    return _screen_from_stats(_screen_queries(q_BHND, G, block_size, scale), *stats)
 
 
-def candidate_blocks(screen_BGQK: torch.Tensor, width: int) -> torch.Tensor:
-    """The ``width`` candidate key blocks of each row, ``[B, G, nb, width]`` int64: the diagonal
-    in slot 0, the sink in slot 1 (rows past the first), then by screen score; slots past a
-    row's causal blocks hold :data:`NO_BLOCK`. ``width`` may exceed ``nb``."""
+def ranking_keys(screen_BGQK: torch.Tensor, width: int) -> torch.Tensor:
+    """Each row's ranking keys, ``[B, G, nb, nb + width]`` float32: the diagonal ``inf``, the
+    sink ``3e38`` (rows past the first), the causal blocks their screen score (NaN as 0),
+    ``-inf`` above the diagonal and in ``width`` padding columns (so one top-k of ``width``
+    serves every length)."""
     nb = screen_BGQK.shape[-1]
     offset_QK = block_offsets_QK(nb, screen_BGQK.device)
     keys = screen_BGQK.float().nan_to_num(0.0, 1.0, 0.0).clamp(0.0, 1e30)
     keys = torch.where(offset_QK == 0, float("inf"), keys)
     keys = torch.where((offset_QK > 0) & (torch.arange(nb, device=keys.device) == 0), 3e38, keys)
     keys = keys.masked_fill(offset_QK < 0, float("-inf"))
-    # Padded to at least `width` columns of -inf, so one topk serves every length.
-    keys = torch.nn.functional.pad(keys, (0, width), value=float("-inf"))
-    top_keys, top_BGQW = torch.topk(keys, width, dim=-1, sorted=True)
+    return torch.nn.functional.pad(keys, (0, width), value=float("-inf"))
+
+
+def top_candidates(keys_BGQC: torch.Tensor, width: int) -> torch.Tensor:
+    """The ``width`` highest-keyed blocks of each row, ``[B, G, nb, width]`` int64, in key order;
+    ``-inf`` keys (no causal block left) become :data:`NO_BLOCK`."""
+    top_keys, top_BGQW = torch.topk(keys_BGQC, width, dim=-1, sorted=True)
     return torch.where(top_keys > float("-inf"), top_BGQW, NO_BLOCK)
+
+
+def candidate_blocks(screen_BGQK: torch.Tensor, width: int) -> torch.Tensor:
+    """The ``width`` candidate key blocks of each row, ``[B, G, nb, width]`` int64: the diagonal
+    in slot 0, the sink in slot 1 (rows past the first), then by screen score; slots past a
+    row's causal blocks hold :data:`NO_BLOCK`. ``width`` may exceed ``nb``."""
+    return top_candidates(ranking_keys(screen_BGQK, width), width)
+
+
+def screen_ranking_keys_reference(q_BGXD, mean_BGKD, max_BGKD, min_BGKD, width: int) -> torch.Tensor:
+    """The screen's ranking keys (:func:`ranking_keys`) from the scaled query-block means
+    (:func:`_screen_queries`) and the key-block statistics (:func:`key_block_stats`)."""
+    return ranking_keys(_screen_from_stats(q_BGXD, mean_BGKD, max_BGKD, min_BGKD), width)
+
+
+@torch.library.custom_op("sa_compile::screen_ranking_keys", mutates_args=())
+def screen_ranking_keys(q_BGXD: torch.Tensor, mean_BGKD: torch.Tensor, max_BGKD: torch.Tensor,
+                        min_BGKD: torch.Tensor, width: int) -> torch.Tensor:
+    """The screen's ranking keys, ``[B, G, nb, nb + width]`` float32 (CUDA: one fused kernel,
+    TF32 dots; elsewhere the torch reference)."""
+    if q_BGXD.is_cuda:
+        from ._screen_triton import screen_ranking_keys_cuda
+
+        return screen_ranking_keys_cuda(q_BGXD, mean_BGKD, max_BGKD, min_BGKD, width)
+    return screen_ranking_keys_reference(q_BGXD.float(), mean_BGKD.float(), max_BGKD.float(), min_BGKD.float(),
+                                         width)
+
+
+@screen_ranking_keys.register_fake
+def _(q_BGXD, mean_BGKD, max_BGKD, min_BGKD, width):
+    B, G, _, _ = q_BGXD.shape
+    nb = mean_BGKD.shape[2]
+    return q_BGXD.new_empty(B, G, nb, nb + width, dtype=torch.float32)
 
 
 def _chunk_mass(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, blocks: range, block_size: int, stride: int,
@@ -154,7 +204,9 @@ def screened_query_lists(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size:
     diagonal, slot 1 the sink; a score is the candidate's share of the candidates' sampled
     mass (0 for :data:`NO_BLOCK` slots)."""
     H, G = q_BHND.shape[1], k_BGND.shape[1]
-    cand_BGQW = candidate_blocks(screen_scores(q_BHND, k_BGND, block_size, scale, kv_valid_BN), width)
+    stats = key_block_stats(k_BGND, block_size, kv_valid_BN)
+    keys_BGQC = screen_ranking_keys(_screen_queries(q_BHND, G, block_size, scale), *stats, width)
+    cand_BGQW = top_candidates(keys_BGQC, width)
     mass_BHQW = candidate_block_mass(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, block_size, stride, float(scale))
     mass_BHQW = mass_BHQW.nan_to_num(0.0)
     scores_BHQW = mass_BHQW / mass_BHQW.sum(-1, keepdim=True).clamp(min=1e-30)

@@ -29,10 +29,13 @@
 #            top-k; 20 kernels, up to 512K), then TTFT of the README's path (`model.compile(backend=...)`
 #            then `generate()`) beside the compiled forward and eager at 32K-128K. Two compiles of
 #            ~260 s each: like `scale`, it outlasts one call.
+#   screen   the fused screen kernel's CUDA tests; the kernel against the torch screen it replaces
+#            (time, launch shapes, agreement of candidates; 32K-512K); where the search's time goes
+#            (32K-512K); then the `generate` plan's TTFT table. Like `generate`, it outlasts one call.
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
 # CONFIGS the fidelity configs of `quality`.
 set -u
-PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate}
+PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen}
 R=/tmp/res
 mkdir -p "$R" /tmp/snap
 # A new progress file (a warm machine may hold the last plan's "done"), written before set-up:
@@ -81,6 +84,16 @@ scale)
     ;;
 generate)
     stage profile 240 python3 $B/profile_search.py --lengths 32k,128k,512k --top 20 --out "$R/profile"
+    stage ttft 900 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 32k,64k,128k \
+        --systems ${SYSTEMS:-eager,sa_compile,generate} --dynamic true --repeats 3 --warmup 0 \
+        --tag generate_$CARD --out "$R/ttft"
+    ;;
+screen)
+    stage tests 120 python3 -m pytest -q tests/search/test_screened_query.py -k "cuda"
+    stage screen 200 python3 $B/screen_kernel.py --lengths 32k,128k,512k --repeats 5 --warmup 2 --tag $CARD \
+        --out "$R/screen"
+    stage profile 240 python3 $B/profile_search.py --lengths 32k,128k,512k --top 20 --repeats 3 --warmup 1 \
+        --tag screen_$CARD --out "$R/profile"
     stage ttft 900 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 32k,64k,128k \
         --systems ${SYSTEMS:-eager,sa_compile,generate} --dynamic true --repeats 3 --warmup 0 \
         --tag generate_$CARD --out "$R/ttft"

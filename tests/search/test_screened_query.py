@@ -10,8 +10,9 @@ from sa_compile import SparseConfig
 from sa_compile.selection import blocks_per_row, keep_mask, select_candidate_lists
 from sa_compile.sparse_op import dense_causal_attention, search_blocks, select_kept_blocks, sparse_attention
 from sa_compile.templates.screened_query import (
-    NO_BLOCK, candidate_block_mass, candidate_block_mass_reference, candidate_blocks, screen_scores,
-    screened_query_lists,
+    NO_BLOCK, _screen_queries, candidate_block_mass, candidate_block_mass_reference, candidate_blocks,
+    key_block_stats, ranking_keys, screen_ranking_keys, screen_ranking_keys_reference, screen_scores,
+    screened_query_lists, top_candidates,
 )
 from sa_compile.templates.strided_query import strided_block_mass_reference
 
@@ -81,6 +82,51 @@ def test_candidates_are_distinct_causal_blocks_led_by_diagonal_and_sink(seed, n,
             for g in range(2):
                 blocks = row[b, g][real[b, g]].tolist()
                 assert len(set(blocks)) == len(blocks)
+
+
+def naive_screen(q, k, kv_valid, block_size, scale):
+    """One query block and head at a time, in float64: the softmax of its mean query against
+    each causal key block's mean key, plus the softmax of its bound (relu(q) . max(k) +
+    min(q, 0) . min(k), over the block's valid keys), summed over the key head's query heads."""
+    B, H, N, D = q.shape
+    G = k.shape[1]
+    nb = -(-N // block_size)
+    screen = torch.zeros(B, G, nb, nb, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            g = h // (H // G)
+            for qb in range(nb):
+                qm = q[b, h, qb * block_size:(qb + 1) * block_size].double().mean(0) * scale
+                means, bounds = [], []
+                for kb in range(qb + 1):
+                    keys = [t for t in range(kb * block_size, min((kb + 1) * block_size, N))
+                            if kv_valid is None or kv_valid[b, t] != 0]
+                    ks = k[b, g, keys].double()
+                    means.append(qm @ ks.mean(0) if keys else torch.tensor(0.0, dtype=torch.float64))
+                    bounds.append(qm.clamp(min=0) @ ks.amax(0) + qm.clamp(max=0) @ ks.amin(0) if keys
+                                  else qm.clamp(min=0).sum() * -1e4 + qm.clamp(max=0).sum() * 1e4)
+                screen[b, g, qb, :qb + 1] += torch.softmax(torch.stack(means), 0) + torch.softmax(torch.stack(bounds), 0)
+    return screen
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 90), block=st.sampled_from([8, 16]),
+       group=st.sampled_from([1, 3]), padded=st.booleans(), width=st.integers(1, 14))
+def test_screen_ranking_keys_are_the_float64_screen_under_the_ranking_rules(seed, n, block, group, padded, width):
+    """The op the search calls (the torch path off CUDA) against a float64 loop: causal keys
+    are the screen; the diagonal ranks first (inf), the sink second (3e38), the blocks
+    above the diagonal and ``width`` padding columns never (-inf)."""
+    q, k, _ = attention_inputs(seed, 2, 2 * group, 2, n, 8, torch.float32)
+    kv_valid = (torch.rand(2, n, generator=torch.Generator().manual_seed(seed)) > 0.3).long() if padded else None
+    keys = screen_ranking_keys(_screen_queries(q, 2, block, 0.3), *key_block_stats(k, block, kv_valid), width)
+    nb = -(-n // block)
+    assert keys.shape == (2, 2, nb, nb + width)
+    screen64 = naive_screen(q, k, kv_valid, block, 0.3)
+    expected = ranking_keys(screen64, width)
+    scored = torch.isfinite(expected) & (expected < 3e38)
+    assert torch.equal(keys[~scored], expected[~scored])
+    torch.testing.assert_close(keys[scored].double(), torch.nn.functional.pad(screen64, (0, width))[scored],
+                               atol=1e-5, rtol=1e-5)
+    assert torch.equal(top_candidates(keys, width), candidate_blocks(screen_scores(q, k, block, 0.3, kv_valid), width))
 
 
 def test_screen_puts_a_planted_lookup_among_the_candidates():
@@ -172,6 +218,36 @@ def test_cuda_kernel_matches_the_reference(dtype, shape):
         got = candidate_block_mass(q, k, valid, cand, block, stride, D**-0.5)
         expected = candidate_block_mass_reference(q, k, valid, cand, block, stride, D**-0.5)
         torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernel runs on CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 32, 8, 20000, 128, 128, 123), (2, 9, 3, 3000, 64, 64, 10),
+                                   (1, 4, 4, 700, 64, 16, 3), (1, 6, 1, 5000, 96, 128, 40)])
+def test_cuda_screen_kernel_matches_the_float32_screen(dtype, shape):
+    """The fused screen (TF32 dots) against the torch path in float32: the same ranking rules
+    in the same places, scores within TF32's error, and (almost) the same candidates. Inputs
+    with real attention's structure (a positional band and a sink), where the screen's
+    ranking is not a tie among noise."""
+    from sa_compile.templates._screen_triton import screen_ranking_keys_cuda
+
+    B, H, G, N, D, block, width = shape
+    gen = torch.Generator().manual_seed(N)
+    pos_ND = torch.cos(torch.arange(N)[:, None] * torch.logspace(-3, 0, D))
+    q = (torch.randn(B, H, N, D, generator=gen) + pos_ND).to("cuda", dtype)
+    k = (torch.randn(B, G, N, D, generator=gen) + pos_ND).to("cuda", dtype)
+    kv_valid = torch.ones(B, N, dtype=torch.long, device="cuda")
+    kv_valid[:, : N // 7] = 0  # left padding
+    for valid in (None, kv_valid):
+        args = (_screen_queries(q, G, block, D**-0.5), *key_block_stats(k, block, valid), width)
+        got, expected = screen_ranking_keys_cuda(*args), screen_ranking_keys_reference(*args)
+        scored = torch.isfinite(expected) & (expected < 3e38)
+        assert torch.equal(got[~scored], expected[~scored])
+        torch.testing.assert_close(got[scored], expected[scored], atol=2e-3, rtol=2e-3)
+        nb = expected.shape[2]
+        sets = [torch.zeros(B, G, nb, nb + 1, dtype=torch.bool, device="cuda").scatter_(
+            -1, torch.where(c >= 0, c, nb), True) for c in (top_candidates(got, width), top_candidates(expected, width))]
+        assert (sets[0] & sets[1]).sum() >= 0.995 * sets[1].sum()
 
 
 @pytest.mark.parametrize("padded", [False, True])
