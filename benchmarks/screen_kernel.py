@@ -1,12 +1,13 @@
 """The screened search's pooled screen: the fused CUDA kernel against the torch path it replaces.
 
-The torch path (Inductor-compiled: three float32 matmuls, two softmaxes, the head sum and the
-ranking rules) and the fused kernel (TF32 dots, both softmaxes and the head sum in
-registers, ranking keys written once) each produce a row's candidate blocks. Per length it
-times both (one call at a time and queued, as :mod:`profile_search` does), the kernel at a
-few launch shapes, and how far the kernel's candidates agree with the float32 path's: the
-share of the float32 path's candidates the kernel also proposes (recall), and of rows whose
-candidate sets are identical.
+The torch path (three float32 matmuls, two softmaxes, the head sum and the ranking rules)
+and the fused kernel (TF32 dots, both softmaxes and the head sum in registers, ranking keys
+written once) each produce a row's candidate blocks, both compiled by Inductor with the key
+statistics and the top-k around them, as the search runs them. Per length it times both (one
+call at a time and queued, as :mod:`profile_search` does), the kernel alone at a few launch
+shapes (on inputs prepared once), and how far the kernel's candidates agree with the float32
+path's: the share of the float32 path's candidates the kernel also proposes (recall), and
+of rows whose candidate sets are identical.
 
     python benchmarks/screen_kernel.py                     # CUDA: 32/8 heads, dim 128, 32k-512k
 """
@@ -22,27 +23,18 @@ import attention
 
 from sa_compile import SparseConfig
 from sa_compile.templates.screened_query import (
-    _screen_queries, key_block_stats, screen_ranking_keys_reference, top_candidates,
+    _screen_queries, key_block_stats, screen_ranking_keys, screen_ranking_keys_reference, top_candidates,
 )
 
-# (BQ, BK, num_warps, num_stages) tried beside the default launch.
-LAUNCHES = [(16, 32, 8, 2), (16, 64, 8, 2), (8, 32, 4, 2), (8, 64, 4, 2), (32, 32, 8, 1)]
+# (BQ, BK, num_warps, num_stages) of the kernel alone, beside the default launch.
+LAUNCHES = [(16, 64, 8, 2), (8, 32, 4, 2), (8, 64, 4, 2), (16, 32, 4, 2), (16, 32, 8, 3)]
 
 
-def candidates_torch(q, k, block_size: int, width: int):
+def candidates(q, k, block_size: int, width: int, fused: bool):
+    """A row's candidates, the screen's ranking keys from the fused op or the torch path."""
     stats = key_block_stats(k, block_size)
-    keys = screen_ranking_keys_reference(_screen_queries(q, k.shape[1], block_size, q.shape[-1] ** -0.5), *stats,
-                                         width)
-    return top_candidates(keys, width)
-
-
-def candidates_fused(q, k, block_size: int, width: int, launch=None):
-    from sa_compile.templates._screen_triton import screen_ranking_keys_cuda
-
-    stats = key_block_stats(k, block_size)
-    kwargs = {} if launch is None else dict(zip(("BQ", "BK", "num_warps", "num_stages"), launch))
-    keys = screen_ranking_keys_cuda(_screen_queries(q, k.shape[1], block_size, q.shape[-1] ** -0.5), *stats, width,
-                                    **kwargs)
+    keys = (screen_ranking_keys if fused else screen_ranking_keys_reference)(
+        _screen_queries(q, k.shape[1], block_size, q.shape[-1] ** -0.5), *stats, width)
     return top_candidates(keys, width)
 
 
@@ -71,17 +63,24 @@ def run_length(n: int, args, shape: dict, device, progress) -> list[dict]:
         rows.append({"seq_len": n, "path": name, "ms": timing.median_s * 1e3, "queued_ms": queued * 1e3} | extra)
         return out
 
-    compiled = attention._compile(lambda q, k: candidates_torch(q, k, args.block_size, width), device)
-    expected = timed("torch (Inductor, float32)", lambda: compiled(q, k))
-    for launch in [None] + LAUNCHES:
-        name = "fused (default launch)" if launch is None else "fused BQ=%d BK=%d warps=%d stages=%d" % launch
+    torch_path = attention._compile(lambda q, k: candidates(q, k, args.block_size, width, False), device)
+    fused_path = attention._compile(lambda q, k: candidates(q, k, args.block_size, width, True), device)
+    expected = timed("torch screen + stats + top-k (float32)", lambda: torch_path(q, k))
+    got = timed("fused screen + stats + top-k", lambda: fused_path(q, k))
+    rows[-1] |= agreement(expected, got)
+
+    from sa_compile.templates._screen_triton import screen_ranking_keys_cuda
+
+    inputs = (_screen_queries(q, k.shape[1], args.block_size, q.shape[-1] ** -0.5), *key_block_stats(k, args.block_size))
+    timed("fused kernel alone (default launch)", lambda: screen_ranking_keys_cuda(*inputs, width))
+    for launch in LAUNCHES:
+        name = "fused kernel alone BQ=%d BK=%d warps=%d stages=%d" % launch
         try:
-            got = timed(name, lambda: candidates_fused(q, k, args.block_size, width, launch))
+            timed(name, lambda: screen_ranking_keys_cuda(*inputs, width, **dict(
+                zip(("BQ", "BK", "num_warps", "num_stages"), launch))))
         except Exception as exc:  # a launch shape the device cannot hold (shared memory): say so, go on
             say(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-            continue
-        rows[-1] |= agreement(expected, got)
-    del q, k, expected
+    del q, k, expected, got, inputs
     common.release_cached_memory(device)
     return rows
 

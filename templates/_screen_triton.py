@@ -21,9 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-# Query blocks per program (rows = heads per group x BQ), key blocks per tile, warps, stages.
-# benchmarks/screen_kernel.py times these beside other shapes (docs/results.md, "The fused screen").
-LAUNCH = {"BQ": 16, "BK": 32, "num_warps": 8, "num_stages": 2}
+# Rows per program (heads per group x query blocks), key blocks per tile, warps, stages. 64 rows
+# of float32 queries and their bound operand fill ~200 KB of shared memory with two stages; 128
+# rows do not fit (H100: 311 KB asked, 227 KB there). benchmarks/screen_kernel.py times other
+# shapes (docs/results.md, "The fused screen").
+LAUNCH = {"rows": 64, "BK": 32, "num_warps": 8, "num_stages": 2}
 
 
 @triton.jit
@@ -111,8 +113,13 @@ def _screen_keys_kernel(Q, KMEAN, KBOUND, OUT, sqb, sqg, sqx, skb, skg, skk, sbb
 
 
 def launch_rows(heads_per_group: int) -> int:
-    """Rows per program, padded to a power of two (``tl.arange``)."""
+    """Head rows per query block, padded to a power of two (``tl.arange``)."""
     return triton.next_power_of_2(heads_per_group)
+
+
+def query_blocks_per_program(heads_per_group: int) -> int:
+    """Query blocks per program: :data:`LAUNCH`'s rows over the padded heads (at least one)."""
+    return max(1, LAUNCH["rows"] // launch_rows(heads_per_group))
 
 
 def screen_ranking_keys_cuda(q_BGXD: torch.Tensor, mean_BGKD: torch.Tensor, max_BGKD: torch.Tensor,
@@ -123,7 +130,7 @@ def screen_ranking_keys_cuda(q_BGXD: torch.Tensor, mean_BGKD: torch.Tensor, max_
     B, G, X, D = q_BGXD.shape
     nb = mean_BGKD.shape[2]
     HG = X // nb
-    bq, bk = BQ or LAUNCH["BQ"], BK or LAUNCH["BK"]
+    bq, bk = BQ or query_blocks_per_program(HG), BK or LAUNCH["BK"]
     q_BGXD = (q_BGXD.float() * math.log2(math.e)).contiguous()
     mean_BGKD = mean_BGKD.float().contiguous()
     bound_BGKE = torch.cat([max_BGKD.float(), min_BGKD.float()], dim=-1).contiguous()

@@ -116,9 +116,9 @@ def screen_ranking_keys_reference(q_BGXD, mean_BGKD, max_BGKD, min_BGKD, width: 
 @torch.library.custom_op("sa_compile::screen_ranking_keys", mutates_args=())
 def screen_ranking_keys(q_BGXD: torch.Tensor, mean_BGKD: torch.Tensor, max_BGKD: torch.Tensor,
                         min_BGKD: torch.Tensor, width: int) -> torch.Tensor:
-    """The screen's ranking keys, ``[B, G, nb, nb + width]`` float32 (CUDA: one fused kernel,
-    TF32 dots; elsewhere the torch reference)."""
-    if q_BGXD.is_cuda:
+    """The screen's ranking keys, ``[B, G, nb, nb + width]`` float32 (CUDA, head dims up to 128:
+    one fused kernel, TF32 dots; elsewhere the torch reference)."""
+    if q_BGXD.is_cuda and q_BGXD.shape[-1] <= 128:  # wider rows outgrow the kernel's shared memory
         from ._screen_triton import screen_ranking_keys_cuda
 
         return screen_ranking_keys_cuda(q_BGXD, mean_BGKD, max_BGKD, min_BGKD, width)
