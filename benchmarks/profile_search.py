@@ -128,10 +128,10 @@ def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[di
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--lengths", help=f"comma list, 4k style allowed (CUDA: {attention.CUDA_SHAPE['lengths']}; "
                                      f"CPU: {attention.CPU_SHAPE['lengths']})")
-    p.add_argument("--density", type=float, default=SparseConfig.density)
+    p.add_argument("--density", type=float, default=SparseConfig.density, help="SparseConfig.density (tapered past --taper-from)")
     common.add_pattern_argument(p)
     p.add_argument("--query-stride", type=int, default=SparseConfig.query_stride, help="strided_query's sample stride")
     p.add_argument("--taper-from", type=common.int_or_none, default=SparseConfig.taper_from,
