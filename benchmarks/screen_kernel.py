@@ -23,7 +23,7 @@ import attention
 
 from sa_compile import SparseConfig
 from sa_compile.templates.screened_query import (
-    _screen_queries, key_block_stats, screen_ranking_keys, screen_ranking_keys_reference, top_candidates,
+    key_block_stats, screen_queries, screen_ranking_keys, screen_ranking_keys_reference, top_candidates,
 )
 
 # (BQ, BK, num_warps, num_stages) of the kernel alone, beside the default launch.
@@ -34,7 +34,7 @@ def candidates(q, k, block_size: int, width: int, fused: bool):
     """A row's candidates, the screen's ranking keys from the fused op or the torch path."""
     stats = key_block_stats(k, block_size)
     keys = (screen_ranking_keys if fused else screen_ranking_keys_reference)(
-        _screen_queries(q, k.shape[1], block_size, q.shape[-1] ** -0.5), *stats, width)
+        screen_queries(q, k.shape[1], block_size, q.shape[-1] ** -0.5), *stats, width)
     return top_candidates(keys, width)
 
 
@@ -71,7 +71,8 @@ def run_length(n: int, args, shape: dict, device, progress) -> list[dict]:
 
     from sa_compile.templates._screen_triton import screen_ranking_keys_cuda
 
-    inputs = (_screen_queries(q, k.shape[1], args.block_size, q.shape[-1] ** -0.5), *key_block_stats(k, args.block_size))
+    inputs = (screen_queries(q, k.shape[1], args.block_size, q.shape[-1] ** -0.5),
+              *key_block_stats(k, args.block_size))
     timed("fused kernel alone (default launch)", lambda: screen_ranking_keys_cuda(*inputs, width))
     for launch in LAUNCHES:
         name = "fused kernel alone BQ=%d BK=%d warps=%d stages=%d" % launch

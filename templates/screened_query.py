@@ -49,7 +49,7 @@ def key_block_stats(k_BGND: torch.Tensor, block_size: int, kv_valid_BN=None):
     return mean_BGKD, max_BGKD, min_BGKD
 
 
-def _screen_queries(q_BHND: torch.Tensor, G: int, block_size: int, scale: float) -> torch.Tensor:
+def screen_queries(q_BHND: torch.Tensor, G: int, block_size: int, scale: float) -> torch.Tensor:
     """The query blocks' scaled means, ``[B, G, heads_per_group * nb, D]`` float32, rows ordered
     (head, block)."""
     B, H, N, D = q_BHND.shape
@@ -76,7 +76,7 @@ def screen_scores(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size: int, s
     keys and against their keys' logit bound."""
     G = k_BGND.shape[1]
     stats = key_block_stats(k_BGND, block_size, kv_valid_BN)
-    return _screen_from_stats(_screen_queries(q_BHND, G, block_size, scale), *stats)
+    return _screen_from_stats(screen_queries(q_BHND, G, block_size, scale), *stats)
 
 
 def ranking_keys(screen_BGQK: torch.Tensor, width: int) -> torch.Tensor:
@@ -109,7 +109,7 @@ def candidate_blocks(screen_BGQK: torch.Tensor, width: int) -> torch.Tensor:
 
 def screen_ranking_keys_reference(q_BGXD, mean_BGKD, max_BGKD, min_BGKD, width: int) -> torch.Tensor:
     """The screen's ranking keys (:func:`ranking_keys`) from the scaled query-block means
-    (:func:`_screen_queries`) and the key-block statistics (:func:`key_block_stats`)."""
+    (:func:`screen_queries`) and the key-block statistics (:func:`key_block_stats`)."""
     return ranking_keys(_screen_from_stats(q_BGXD, mean_BGKD, max_BGKD, min_BGKD), width)
 
 
@@ -205,7 +205,7 @@ def screened_query_lists(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size:
     mass (0 for :data:`NO_BLOCK` slots)."""
     H, G = q_BHND.shape[1], k_BGND.shape[1]
     stats = key_block_stats(k_BGND, block_size, kv_valid_BN)
-    keys_BGQC = screen_ranking_keys(_screen_queries(q_BHND, G, block_size, scale), *stats, width)
+    keys_BGQC = screen_ranking_keys(screen_queries(q_BHND, G, block_size, scale), *stats, width)
     cand_BGQW = top_candidates(keys_BGQC, width)
     mass_BHQW = candidate_block_mass(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, block_size, stride, float(scale))
     mass_BHQW = mass_BHQW.nan_to_num(0.0)

@@ -10,8 +10,8 @@ from sa_compile import SparseConfig
 from sa_compile.selection import blocks_per_row, keep_mask, select_candidate_lists
 from sa_compile.sparse_op import dense_causal_attention, search_blocks, select_kept_blocks, sparse_attention
 from sa_compile.templates.screened_query import (
-    NO_BLOCK, _screen_queries, candidate_block_mass, candidate_block_mass_reference, candidate_blocks,
-    key_block_stats, ranking_keys, screen_ranking_keys, screen_ranking_keys_reference, screen_scores,
+    NO_BLOCK, candidate_block_mass, candidate_block_mass_reference, candidate_blocks, key_block_stats,
+    ranking_keys, screen_queries, screen_ranking_keys, screen_ranking_keys_reference, screen_scores,
     screened_query_lists, top_candidates,
 )
 from sa_compile.templates.strided_query import strided_block_mass_reference
@@ -117,7 +117,7 @@ def test_screen_ranking_keys_are_the_float64_screen_under_the_ranking_rules(seed
     above the diagonal and ``width`` padding columns never (-inf)."""
     q, k, _ = attention_inputs(seed, 2, 2 * group, 2, n, 8, torch.float32)
     kv_valid = (torch.rand(2, n, generator=torch.Generator().manual_seed(seed)) > 0.3).long() if padded else None
-    keys = screen_ranking_keys(_screen_queries(q, 2, block, 0.3), *key_block_stats(k, block, kv_valid), width)
+    keys = screen_ranking_keys(screen_queries(q, 2, block, 0.3), *key_block_stats(k, block, kv_valid), width)
     nb = -(-n // block)
     assert keys.shape == (2, 2, nb, nb + width)
     screen64 = naive_screen(q, k, kv_valid, block, 0.3)
@@ -240,7 +240,7 @@ def test_cuda_screen_kernel_matches_the_float32_screen(dtype, shape, launch):
     kv_valid = torch.ones(B, N, dtype=torch.long, device="cuda")
     kv_valid[:, : N // 7] = 0  # left padding
     for valid in (None, kv_valid):
-        args = (_screen_queries(q, G, block, D**-0.5), *key_block_stats(k, block, valid), width)
+        args = (screen_queries(q, G, block, D**-0.5), *key_block_stats(k, block, valid), width)
         got, expected = screen_ranking_keys_cuda(*args, **launch), screen_ranking_keys_reference(*args)
         scored = torch.isfinite(expected) & (expected < 3e38)
         assert torch.equal(got[~scored], expected[~scored])
