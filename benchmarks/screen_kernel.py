@@ -22,6 +22,7 @@ import _common as common
 import attention
 
 from sa_compile import SparseConfig
+from sa_compile.selection import keep_mask
 from sa_compile.templates.screened_query import (
     key_block_stats, screen_queries, screen_ranking_keys, screen_ranking_keys_reference, top_candidates,
 )
@@ -39,13 +40,11 @@ def candidates(q, k, block_size: int, width: int, fused: bool):
 
 
 def agreement(expected_BGQW: torch.Tensor, got_BGQW: torch.Tensor) -> dict:
-    """Recall of ``expected``'s candidates in ``got``, and the share of rows with the same set."""
-    nb = expected_BGQW.shape[-2]
-    sets = [torch.zeros(*c.shape[:-1], nb + 1, dtype=torch.bool, device=c.device).scatter_(
-        -1, torch.where(c >= 0, c, nb), True)[..., :nb] for c in (expected_BGQW, got_BGQW)]
-    found = (sets[0] & sets[1]).sum().item()
-    return {"recall": found / max(1, sets[0].sum().item()),
-            "same_rows": (sets[0] == sets[1]).all(-1).float().mean().item()}
+    """Recall of ``expected``'s candidates in ``got``, and the share of rows with the same set
+    (a row's candidates lead its list, its empty slots trail: a kept-block list)."""
+    expected, got = (keep_mask(c, (c >= 0).sum(-1)) for c in (expected_BGQW, got_BGQW))
+    return {"recall": (expected & got).sum().item() / max(1, expected.sum().item()),
+            "same_rows": (expected == got).all(-1).float().mean().item()}
 
 
 def run_length(n: int, args, shape: dict, device, progress) -> list[dict]:
@@ -55,12 +54,12 @@ def run_length(n: int, args, shape: dict, device, progress) -> list[dict]:
     width = SparseConfig(block_size=args.block_size).candidate_width()
     rows = []
 
-    def timed(name, fn, **extra):
+    def timed(name, fn):
         say(f"{name}: first call")
         out = fn()
         timing = common.time_fn(fn, device, repeats=args.repeats, warmup=args.warmup)
         queued = common.time_queued(fn, device, calls=args.repeats)
-        rows.append({"seq_len": n, "path": name, "ms": timing.median_s * 1e3, "queued_ms": queued * 1e3} | extra)
+        rows.append({"seq_len": n, "path": name, "ms": timing.median_s * 1e3, "queued_ms": queued * 1e3})
         return out
 
     torch_path = attention._compile(lambda q, k: candidates(q, k, args.block_size, width, False), device)

