@@ -24,8 +24,9 @@ import triton.language as tl
 # Rows per program (heads per group x query blocks), key blocks per tile, warps, stages. 64 rows
 # of float32 queries and their bound operand fill ~200 KB of shared memory with two stages; 128
 # rows do not fit (H100: 311 KB asked, 227 KB there). benchmarks/screen_kernel.py times other
-# shapes (docs/results.md, "The fused screen").
-LAUNCH = {"rows": 64, "BK": 32, "num_warps": 8, "num_stages": 2}
+# shapes (docs/results.md, "The fused screen"): 8 warps were faster at 32K (256 blocks), 4 warps
+# 23-25% faster at 128K and 512K (H100), so grids of ``four_warps_from`` blocks and more take 4.
+LAUNCH = {"rows": 64, "BK": 32, "num_warps": 8, "num_stages": 2, "four_warps_from": 1024}
 
 
 @triton.jit
@@ -117,6 +118,11 @@ def launch_rows(heads_per_group: int) -> int:
     return triton.next_power_of_2(heads_per_group)
 
 
+def launch_warps(num_blocks_: int) -> int:
+    """Warps per program for an ``nb``-block grid (:data:`LAUNCH`)."""
+    return 4 if num_blocks_ >= LAUNCH["four_warps_from"] else LAUNCH["num_warps"]
+
+
 def query_blocks_per_program(heads_per_group: int) -> int:
     """Query blocks per program: :data:`LAUNCH`'s rows over the padded heads (at least one)."""
     return max(1, LAUNCH["rows"] // launch_rows(heads_per_group))
@@ -143,6 +149,6 @@ def screen_ranking_keys_cuda(q_BGXD: torch.Tensor, mean_BGKD: torch.Tensor, max_
         bound_BGKE.stride(0), bound_BGKE.stride(1), bound_BGKE.stride(2),
         out.stride(0), out.stride(1), out.stride(2), nb, n_cols, grid[0], G,
         HG=HG, HGP=launch_rows(HG), BQ=bq, BK=bk, D=D, DP=triton.next_power_of_2(D),
-        num_warps=num_warps or LAUNCH["num_warps"], num_stages=num_stages or LAUNCH["num_stages"],
+        num_warps=num_warps or launch_warps(nb), num_stages=num_stages or LAUNCH["num_stages"],
     )
     return out

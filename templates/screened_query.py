@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 
 from ._blocks import block_means, block_offsets_QK, num_blocks, pad_to_blocks
-from .strided_query import sample_positions
+from ._fallback import kernel_or_reference
+from .strided_query import launch_key, sample_positions
 
 _CHUNK_BYTES = 1 << 28  # float32 logits per chunk of the torch path
 NO_BLOCK = -1  # a candidate slot with no block (rows with fewer causal blocks than slots)
@@ -117,13 +118,23 @@ def screen_ranking_keys_reference(q_BGXD, mean_BGKD, max_BGKD, min_BGKD, width: 
 def screen_ranking_keys(q_BGXD: torch.Tensor, mean_BGKD: torch.Tensor, max_BGKD: torch.Tensor,
                         min_BGKD: torch.Tensor, width: int) -> torch.Tensor:
     """The screen's ranking keys, ``[B, G, nb, nb + width]`` float32 (CUDA, head dims up to 128:
-    one fused kernel, TF32 dots; elsewhere the torch reference)."""
-    if q_BGXD.is_cuda and q_BGXD.shape[-1] <= 128:  # wider rows outgrow the kernel's shared memory
-        from ._screen_triton import screen_ranking_keys_cuda
+    one fused kernel, TF32 dots, where its launch fits the device (:mod:`._fallback`); elsewhere
+    the torch reference)."""
+    def reference():
+        return screen_ranking_keys_reference(q_BGXD.float(), mean_BGKD.float(), max_BGKD.float(),
+                                             min_BGKD.float(), width)
 
-        return screen_ranking_keys_cuda(q_BGXD, mean_BGKD, max_BGKD, min_BGKD, width)
-    return screen_ranking_keys_reference(q_BGXD.float(), mean_BGKD.float(), max_BGKD.float(), min_BGKD.float(),
-                                         width)
+    if not q_BGXD.is_cuda:
+        return reference()
+    from triton.runtime.errors import OutOfResources
+
+    from ._screen_triton import screen_ranking_keys_cuda
+
+    D, heads_per_group = q_BGXD.shape[-1], q_BGXD.shape[2] // mean_BGKD.shape[2]
+    kernel = ("head dim above 128" if D > 128 else  # wider rows outgrow its shared memory
+              lambda: screen_ranking_keys_cuda(q_BGXD, mean_BGKD, max_BGKD, min_BGKD, width))
+    return kernel_or_reference("screen_ranking_keys", (f"head dim {D}", f"{heads_per_group} heads per group"),
+                               kernel, reference, unfit=(OutOfResources,))
 
 
 @screen_ranking_keys.register_fake
@@ -185,11 +196,16 @@ def candidate_block_mass_reference(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, block
 def candidate_block_mass(q_BHND: torch.Tensor, k_BGND: torch.Tensor, kv_valid_BN: torch.Tensor | None,
                          cand_BGQW: torch.Tensor, block_size: int, stride: int, scale: float) -> torch.Tensor:
     """Mass of the sampled queries over their row's candidates, ``[B, H_q, nb, W]`` float32."""
-    if q_BHND.is_cuda:
-        from ._screened_triton import candidate_block_mass_cuda
+    args = (q_BHND, k_BGND, kv_valid_BN, cand_BGQW, block_size, stride, scale)
+    if not q_BHND.is_cuda:
+        return candidate_block_mass_reference(*args)
+    from triton.runtime.errors import OutOfResources
 
-        return candidate_block_mass_cuda(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, block_size, stride, scale)
-    return candidate_block_mass_reference(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, block_size, stride, scale)
+    from ._screened_triton import candidate_block_mass_cuda
+
+    return kernel_or_reference("candidate_block_mass", launch_key(q_BHND, k_BGND, block_size, stride),
+                               lambda: candidate_block_mass_cuda(*args), lambda: candidate_block_mass_reference(*args),
+                               unfit=(OutOfResources,))
 
 
 @candidate_block_mass.register_fake

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ._blocks import normalize_causal_rows, num_blocks
+from ._fallback import kernel_or_reference
 
 _CHUNK_BYTES = 1 << 28  # float32 logits per chunk of the torch path
 
@@ -75,11 +76,23 @@ def strided_block_mass(q_BHND: torch.Tensor, k_BGND: torch.Tensor, kv_valid_BN: 
                        block_size: int, stride: int, scale: float) -> torch.Tensor:
     """Block mass of the sampled queries, ``[B, H_q, nb, nb]`` float32 (one op in the graph:
     its chunks or its kernel never show the compiler an ``N``-wide tensor)."""
-    if q_BHND.is_cuda:
-        from ._strided_triton import strided_block_mass_cuda
+    args = (q_BHND, k_BGND, kv_valid_BN, block_size, stride, scale)
+    if not q_BHND.is_cuda:
+        return strided_block_mass_reference(*args)
+    from triton.runtime.errors import OutOfResources
 
-        return strided_block_mass_cuda(q_BHND, k_BGND, kv_valid_BN, block_size, stride, scale)
-    return strided_block_mass_reference(q_BHND, k_BGND, kv_valid_BN, block_size, stride, scale)
+    from ._strided_triton import strided_block_mass_cuda
+
+    return kernel_or_reference("strided_block_mass", launch_key(q_BHND, k_BGND, block_size, stride),
+                               lambda: strided_block_mass_cuda(*args), lambda: strided_block_mass_reference(*args),
+                               unfit=(OutOfResources,))
+
+
+def launch_key(q_BHND, k_BGND, block_size: int, stride: int) -> tuple[str, ...]:
+    """What decides whether a sampled-query kernel's launch fits a device: its rows and widths."""
+    H, D = q_BHND.shape[1], q_BHND.shape[-1]
+    return (f"head dim {D}", f"{H // k_BGND.shape[1]} heads per group", f"{block_size // stride} samples per block",
+            str(q_BHND.dtype))
 
 
 @strided_block_mass.register_fake
