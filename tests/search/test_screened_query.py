@@ -223,13 +223,14 @@ def test_cuda_kernel_matches_the_reference(dtype, shape):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernel runs on CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 32, 8, 20000, 128, 128, 123), (2, 9, 3, 3000, 64, 64, 10),
-                                   (1, 4, 4, 700, 64, 16, 3), (1, 6, 1, 5000, 96, 128, 40)])
+                                   (1, 4, 4, 700, 64, 16, 3), (1, 6, 1, 5000, 96, 128, 40),
+                                   (1, 8, 2, 70000, 64, 128, 41)])  # 547 blocks: 4 warps by default
 @pytest.mark.parametrize("launch", [{}, {"num_warps": 4}])
 def test_cuda_screen_kernel_matches_the_float32_screen(dtype, shape, launch):
     """The fused screen (TF32 dots) against the torch path in float32: the same ranking rules
     in the same places, scores within TF32's error, and (almost) the same candidates. Inputs
     with real attention's structure (a positional band and a sink), where the screen's
-    ranking is not a tie among noise. Also at 4 warps, which ran faster at 128K and 512K."""
+    ranking is not a tie among noise. Also at 4 warps, which the default launch takes from 512-block grids."""
     from sa_compile.templates._screen_triton import screen_ranking_keys_cuda
 
     B, H, G, N, D, block, width = shape
