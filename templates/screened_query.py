@@ -120,6 +120,7 @@ def screen_ranking_keys(q_BGXD: torch.Tensor, mean_BGKD: torch.Tensor, max_BGKD:
     """The screen's ranking keys, ``[B, G, nb, nb + width]`` float32 (CUDA, head dims up to 128:
     one fused kernel, TF32 dots, where its launch fits the device (:mod:`._fallback`); elsewhere
     the torch reference)."""
+
     def reference():
         return screen_ranking_keys_reference(q_BGXD.float(), mean_BGKD.float(), max_BGKD.float(),
                                              min_BGKD.float(), width)
