@@ -8,8 +8,7 @@ to float32) instead of failing deep in a kernel, says so once at WARNING on the
 ``sa_compile`` logger, and counts every such call in ``counters["sa_compile"]["torch path:
 <op>"]``. Example::
 
-    out = kernel_or_reference("screen_ranking_keys", (HG, D), lambda: kernel(...), lambda: reference(...),
-                              unfit=(OutOfResources,))
+    out = kernel_or_reference("screen_ranking_keys", (HG, D), lambda: kernel(...), lambda: reference(...))
 """
 
 from __future__ import annotations
@@ -23,16 +22,21 @@ _UNFIT: set[tuple[str, Hashable]] = set()  # (op, launch key) pairs whose kernel
 
 
 def kernel_or_reference(op: str, launch_key: Hashable, kernel: Callable | str, reference: Callable,
-                        unfit: tuple[type[BaseException], ...] = ()):
-    """``kernel()``, or ``reference()`` once ``kernel()`` raised one of ``unfit`` for this
-    ``(op, launch_key)`` (remembered: later calls go straight to the reference). ``kernel``
-    may instead be a string, the reason the kernel cannot serve this launch at all."""
+                        unfit: tuple[type[BaseException], ...] | None = None):
+    """``kernel()``, or ``reference()`` once ``kernel()`` raised one of ``unfit`` (by default
+    Triton's ``OutOfResources``) for this ``(op, launch_key)`` (remembered: later calls go
+    straight to the reference). ``kernel`` may instead be a string, the reason the kernel
+    cannot serve this launch at all."""
     from torch._dynamo.utils import counters
 
     key = (op, launch_key)
     if key not in _UNFIT:
         error = kernel
         if not isinstance(kernel, str):
+            if unfit is None:
+                from triton.runtime.errors import OutOfResources
+
+                unfit = (OutOfResources,)
             try:
                 return kernel()
             except unfit as raised:

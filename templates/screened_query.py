@@ -127,15 +127,13 @@ def screen_ranking_keys(q_BGXD: torch.Tensor, mean_BGKD: torch.Tensor, max_BGKD:
 
     if not q_BGXD.is_cuda:
         return reference()
-    from triton.runtime.errors import OutOfResources
-
     from ._screen_triton import screen_ranking_keys_cuda
 
     D, heads_per_group = q_BGXD.shape[-1], q_BGXD.shape[2] // mean_BGKD.shape[2]
     kernel = ("head dim above 128" if D > 128 else  # wider rows outgrow its shared memory
               lambda: screen_ranking_keys_cuda(q_BGXD, mean_BGKD, max_BGKD, min_BGKD, width))
     return kernel_or_reference("screen_ranking_keys", (f"head dim {D}", f"{heads_per_group} heads per group"),
-                               kernel, reference, unfit=(OutOfResources,))
+                               kernel, reference)
 
 
 @screen_ranking_keys.register_fake
@@ -200,13 +198,10 @@ def candidate_block_mass(q_BHND: torch.Tensor, k_BGND: torch.Tensor, kv_valid_BN
     args = (q_BHND, k_BGND, kv_valid_BN, cand_BGQW, block_size, stride, scale)
     if not q_BHND.is_cuda:
         return candidate_block_mass_reference(*args)
-    from triton.runtime.errors import OutOfResources
-
     from ._screened_triton import candidate_block_mass_cuda
 
     return kernel_or_reference("candidate_block_mass", launch_key(q_BHND, k_BGND, block_size, stride),
-                               lambda: candidate_block_mass_cuda(*args), lambda: candidate_block_mass_reference(*args),
-                               unfit=(OutOfResources,))
+                               lambda: candidate_block_mass_cuda(*args), lambda: candidate_block_mass_reference(*args))
 
 
 @candidate_block_mass.register_fake

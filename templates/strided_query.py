@@ -79,13 +79,10 @@ def strided_block_mass(q_BHND: torch.Tensor, k_BGND: torch.Tensor, kv_valid_BN: 
     args = (q_BHND, k_BGND, kv_valid_BN, block_size, stride, scale)
     if not q_BHND.is_cuda:
         return strided_block_mass_reference(*args)
-    from triton.runtime.errors import OutOfResources
-
     from ._strided_triton import strided_block_mass_cuda
 
     return kernel_or_reference("strided_block_mass", launch_key(q_BHND, k_BGND, block_size, stride),
-                               lambda: strided_block_mass_cuda(*args), lambda: strided_block_mass_reference(*args),
-                               unfit=(OutOfResources,))
+                               lambda: strided_block_mass_cuda(*args), lambda: strided_block_mass_reference(*args))
 
 
 def launch_key(q_BHND, k_BGND, block_size: int, stride: int) -> tuple[str, ...]:
