@@ -1,7 +1,7 @@
 """A fused kernel whose launch does not fit the device runs as its torch reference, logged once.
 
 The Triton kernels are sized for an H100's 227 KB of shared memory per block. A smaller device
-(an A100 has 163 KB) or an unusual model (more than 64 query heads per key head, for the
+(an A100 allows 164 KB per block) or an unusual model (more than 64 query heads per key head, for the
 screen) asks for more, and Triton raises ``OutOfResources`` at the launch, before anything
 is written. The op then computes the same result with its torch reference (slower, exact
 to float32) instead of failing deep in a kernel, says so once at WARNING on the
