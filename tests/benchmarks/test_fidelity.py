@@ -175,7 +175,7 @@ def test_config_overrides_parse_label_and_twins_below_the_taper():
         "0.3", "0.3:taper_from=none", "0.2:query_stride=16"]
     assert [fidelity.wants_passkeys(args, c) for c in configs] == [False, False, True]
     # Below taper_from an untapered twin keeps the same blocks only without the screen: the
-    # default's 123 candidates per row already change 32K, where a row holds up to 256 blocks.
+    # default's 164 candidates per row already change 32K, where a row holds up to 256 blocks.
     assert fidelity.same_blocks(configs[0], 32768) != fidelity.same_blocks(configs[1], 32768)
     unscreened = dataclasses.replace(configs[0], candidates=None)
     assert fidelity.same_blocks(unscreened, 32768) == fidelity.same_blocks(configs[1], 32768)
@@ -192,8 +192,8 @@ def test_a_screened_config_is_labelled_and_never_taken_for_the_unscreened_one():
     args = fidelity.parse_args(["--configs", "0.3:candidates=none,0.3", "--device", "cpu"])
     plain, screened = fidelity.selections(args)
     assert plain.candidates is None and fidelity.label(plain, args) == "0.3:candidates=none"
-    assert screened.candidates == 3 and fidelity.label(screened, args) == "0.3"  # the default
-    # 123 candidates: a different run wherever a row has more causal blocks than that.
+    assert screened.candidates == 4 and fidelity.label(screened, args) == "0.3"  # the default
+    # 164 candidates: a different run wherever a row has more causal blocks than that.
     assert fidelity.same_blocks(plain, 65536) != fidelity.same_blocks(screened, 65536)
 
 
