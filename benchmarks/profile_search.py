@@ -51,8 +51,7 @@ def stages(config: SparseConfig, device):
         estimate = lambda q, k: screened_query_lists(  # noqa: E731
             q, k, bs, config.query_stride, q.shape[-1] ** -0.5, width)
         select = lambda scored: select_candidate_lists(  # noqa: E731
-            *scored, scored[1].shape[-2], search_density(config, scored[1].shape[-2], scored[1].device),
-            config.kept_width())
+            *scored, scored[1].shape[-2], search_density(config, scored[1].shape[-2], scored[1].device))
 
     return {
         "last-q attention": compile_(lambda q, k: last_q_attention(q, k, config.last_q, q.shape[-1] ** -0.5), device),

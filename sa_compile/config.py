@@ -68,8 +68,8 @@ class SparseConfig:
             grows as ``N`` rather than ``N^2`` (see :mod:`sa_compile.templates.screened_query`).
             The default, 4, proposes 164 candidates per row at 128-token blocks (a row
             keeps 41 past the taper); 3 (123) misses blocks the screen ranks just past its
-            cutoff, which costs quality at 32K and 64K (docs/results.md). ``None`` scores every causal block: ``N^2 / stride``
-            work. Unused by the other kinds, by ``search_head_budgets``, by a pattern table
+            cutoff, which costs quality at 32K and 64K (docs/results.md). ``None`` scores
+            every causal block: ``N^2 / stride`` work. Unused by the other kinds, by ``search_head_budgets``, by a pattern table
             and without a taper (``taper_from=None``).
         search_head_budgets: share the layer's block budget between its heads by estimated
             mass per block of kernel work (a per-input search), instead of giving every
@@ -128,7 +128,7 @@ class SparseConfig:
         # Computed here, where every field is a plain number: the width is a shape, and a
         # config traced by Dynamo (an input of a function compiled with dynamic=True) has
         # symbolic fields that plain arithmetic cannot take.
-        object.__setattr__(self, "_candidate_lists", _candidate_lists(self))
+        object.__setattr__(self, "_candidate_width", _candidate_width(self))
 
     def density_at(self, num_blocks_) -> float:
         """The fraction of the causal block grid budgeted at ``num_blocks_`` blocks per side."""
@@ -139,12 +139,7 @@ class SparseConfig:
     def candidate_width(self) -> int | None:
         """Candidate slots per row of the screened search (a constant of the config, so one
         graph serves every length), or ``None`` when every causal block is scored."""
-        return self._candidate_lists[0]
-
-    def kept_width(self) -> int | None:
-        """The most blocks a row of the screened search keeps at any length (reached at the
-        taper), the width of its kept lists; ``None`` when every causal block is scored."""
-        return self._candidate_lists[1]
+        return self._candidate_width
 
     def describe(self) -> dict:
         """A JSON-ready view, for benchmark records, logs and graph arguments."""
@@ -174,19 +169,17 @@ def _pattern_kind(pattern):
     _check(False, "pattern", pattern, f"a PatternKind or a registered kind, one of {sorted(TEMPLATES)}")
 
 
-def _candidate_lists(config: SparseConfig) -> tuple[int | None, int | None]:
-    """``(candidate_width, kept_width)`` of a screened search, ``(None, None)`` without one."""
+def _candidate_width(config: SparseConfig) -> int | None:
     if (config.candidates is None or config.taper_from is None or config.pattern is not PatternKind.STRIDED_QUERY
             or config.search_head_budgets or config.patterns):
-        return None, None
+        return None
     # The most blocks a row keeps at any length: at the taper (below it rows keep fewer, past
     # it the same or one or two fewer). Plain arithmetic, the same as selection.blocks_per_row.
     nb = num_blocks(config.taper_from, config.block_size)
     budget = config.density * nb * (nb + 1) / 2
     kept = math.floor((2 * nb + 1 - math.sqrt(max(0.0, (2 * nb + 1) ** 2 - 8 * budget))) / 2 + 1e-9)
     kept = min(max(kept, min(nb, 2)), nb)
-    width = max(2, math.ceil(config.candidates * kept))
-    return width, min(kept, width)
+    return max(2, math.ceil(config.candidates * kept))
 
 
 def _plain(value):

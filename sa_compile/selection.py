@@ -106,42 +106,24 @@ def select_block_lists(scores_BHQK: torch.Tensor, density,
 
 
 def select_candidate_lists(scores_BHQW: torch.Tensor, blocks_BHQW: torch.Tensor, num_blocks_,
-                           density, kept: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           density) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`select_block_lists` over each row's candidates (a screened search): the kept
-    blocks are ``order_BHQL[..., :count_BHQ]``, the diagonal (slot 0 of the candidates) and
-    the sink (slot 1) first, then the other candidates by score (ties in slot order).
+    blocks are ``order_BHQW[..., :count_BHQ]``, the diagonal (slot 0 of the candidates) and
+    the sink (slot 1) first, then the other candidates by score.
 
     ``blocks_BHQW`` holds block indices, or a negative index for a slot with no block.
     Row ``qb`` keeps ``min(K, qb + 1)`` blocks, as the unscreened search does, and never
-    more than its candidates. ``kept`` (at most ``W``, default ``W``) is the width ``L`` of the
-    returned lists: the most blocks a row keeps at any length
-    (:meth:`~sa_compile.config.SparseConfig.kept_width`), so only those slots are ranked, by a
-    top-k rather than a sort of all ``W`` (CUDA's sort pads rows wider than 128 to 1024).
-    Returns int64 block indices and counts.
+    more than its candidates. Returns int64 block indices (``W`` wide, not ``nb``) and counts.
     """
     W = blocks_BHQW.shape[-1]
-    kept = W if kept is None else kept
     slot_W = torch.arange(W, device=blocks_BHQW.device)
     keys = _finite_keys(scores_BHQW)
     keys = torch.where(slot_W < 2, float("inf"), keys)  # diagonal then sink, by construction
     keys = torch.where(blocks_BHQW < 0, float("-inf"), keys)
-    _, order_BHQL = torch.topk(_slot_ordered(keys), kept, dim=-1, sorted=True)
+    _, order_BHQW = torch.sort(keys, dim=-1, descending=True, stable=True)
     k = blocks_per_row(num_blocks_, density, blocks_BHQW.device)
     count_BHQ = torch.minimum(row_counts(k, num_blocks_, blocks_BHQW.device), (blocks_BHQW >= 0).sum(-1))
-    # Never binds for the config's kept_width (tests/search/test_screened_query.py checks every
-    # length); it keeps a narrower ``kept`` from reading past the lists.
-    count_BHQ = count_BHQ.clamp(max=kept)
-    return blocks_BHQW.gather(-1, order_BHQL).clamp(min=0), count_BHQ
-
-
-def _slot_ordered(keys_BHQW: torch.Tensor) -> torch.Tensor:
-    """int64 keys, all distinct, whose descending order is that of the float32 ``keys`` with
-    ties broken by slot, first slot first: a top-k of them gives a stable sort's first entries.
-    The float's bits, flipped below zero so they order as integers, then the reversed slot."""
-    W = keys_BHQW.shape[-1]
-    bits = torch.where(keys_BHQW == 0, 0.0, keys_BHQW).view(torch.int32)  # -0.0 ties 0.0
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    return ordered * 2**32 + (W - 1 - torch.arange(W, device=keys_BHQW.device))
+    return blocks_BHQW.gather(-1, order_BHQW).clamp(min=0), count_BHQ
 
 
 def select_head_block_lists(scores_BHQK: torch.Tensor, density_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,8 +57,8 @@ def search_density(config: SparseConfig, num_blocks_, device):
 def search_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_BN=None, head_pattern=None):
     """The per-head pattern search: each row's kept blocks, as ``order_BHQK[..., :count_BHQ]``
     (diagonal first, then the sink, then by score; see :func:`select_block_lists`). With a
-    screened search (:meth:`SparseConfig.candidate_width`) the lists are as wide as the most
-    blocks a row keeps (:meth:`SparseConfig.kept_width`), not the grid (:func:`select_candidate_lists`).
+    screened search (:meth:`SparseConfig.candidate_width`) the lists are as wide as the
+    candidates, not the grid (:func:`select_candidate_lists`).
 
     ``head_pattern`` is one layer of a pattern table (:meth:`PatternTable.layer_fields`):
     per-head kinds and budgets replace ``config.pattern`` and ``config.density``."""
@@ -70,7 +70,7 @@ def search_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_B
     if width is not None:
         scores_BHQW, blocks_BHQW = screened_query_lists(q_BHND, k_BGND, config.block_size, config.query_stride,
                                                         scale, width, kv_valid_BN)
-        return select_candidate_lists(scores_BHQW, blocks_BHQW, nb, density, config.kept_width())
+        return select_candidate_lists(scores_BHQW, blocks_BHQW, nb, density)
     scores_BHQK = estimate_block_scores(q_BHND, k_BGND, config, scale, kv_valid_BN)
     return select_block_lists(scores_BHQK, density, config.search_head_budgets)
 

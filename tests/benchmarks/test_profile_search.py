@@ -36,7 +36,7 @@ def test_every_stage_is_timed_against_dense_both_ways(profile):
         assert row["ms"] > 0 and row["queued_ms"] > 0
         assert row["share_of_dense"] == pytest.approx(row["ms"] / dense["ms"])
         assert row["queued_share_of_dense"] == pytest.approx(row["queued_ms"] / dense["queued_ms"])
-    assert profile["config"]["candidates"] == 3.0 and profile["config"]["taper_from"] == 256
+    assert profile["config"]["candidates"] == 4.0 and profile["config"]["taper_from"] == 256
 
 
 def test_the_fused_ops_kernels_include_the_screened_search(profile):

@@ -35,7 +35,7 @@ def test_defaults_and_description():
     cfg = SparseConfig()
     assert cfg.describe() == {
         "density": 0.3, "block_size": 128, "min_seq_len": 16384, "taper_from": 32768, "last_q": 64,
-        "pattern": "strided_query", "query_stride": 8, "candidates": 3.0, "search_head_budgets": False,
+        "pattern": "strided_query", "query_stride": 8, "candidates": 4.0, "search_head_budgets": False,
         "patterns": None,
     }
     assert SparseConfig(pattern=PatternKind.VERTICAL_SLASH).describe()["pattern"] == "vertical_slash"
