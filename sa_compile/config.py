@@ -69,8 +69,8 @@ class SparseConfig:
             The default, 4, proposes 164 candidates per row at 128-token blocks (a row
             keeps 41 past the taper); 3 (123) misses blocks the screen ranks just past its
             cutoff, which costs quality at 32K and 64K (docs/results.md). ``None`` scores
-            every causal block: ``N^2 / stride`` work. Unused by the other kinds, by ``search_head_budgets``, by a pattern table
-            and without a taper (``taper_from=None``).
+            every causal block: ``N^2 / stride`` work. Unused by the other kinds, by
+            ``search_head_budgets``, by a pattern table and without a taper (``taper_from=None``).
         search_head_budgets: share the layer's block budget between its heads by estimated
             mass per block of kernel work (a per-input search), instead of giving every
             head the same count. The layer computes no more blocks than with equal counts.

