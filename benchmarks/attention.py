@@ -24,7 +24,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 import _common as common
 
 from sa_compile import SparseConfig, sparse_attention
-from sa_compile.flex import causal_mask_mod
+from sa_compile.flex import causal_mask_mod, kernel_options_for
 from sa_compile.patterns import realized_density
 from sa_compile.sparse_op import build_block_mask, search_blocks
 
@@ -121,10 +121,12 @@ def check_causal_block_mask(block_size: int, device, n: int = 1000) -> None:
         raise RuntimeError("hand-built causal BlockMask differs from create_block_mask's")
 
 
-def flex_kernel(device):
+def flex_kernel(device, kernel_options: dict | None = None):
     """Compiled public flex_attention with the BlockMask as an input: the same callable times
-    dense flex (causal mask) and the sparse kernel (the search's mask), so only the mask differs."""
-    return _compile(lambda q, k, v, bm: flex_attention(q, k, v, block_mask=bm, enable_gqa=True), device)
+    dense flex (causal mask) and the sparse kernel (the search's mask), so only the mask differs.
+    ``kernel_options`` as FlexAttention takes them (sa_compile's: ``flex.kernel_options_for``)."""
+    return _compile(lambda q, k, v, bm: flex_attention(q, k, v, block_mask=bm, enable_gqa=True,
+                                                       kernel_options=kernel_options), device)
 
 
 _MASK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
@@ -197,7 +199,7 @@ def run_length(n: int, args, shape: dict, device, progress) -> list[dict]:
     ref = None
     base_label, base_fn = dense_sdpa(q, k, v, device, progress.scoped(f"N={label}"))
     ref = run(base_label, base_fn, baseline=True)
-    kernel = flex_kernel(device)
+    kernel = flex_kernel(device, kernel_options_for(q))  # the options sa_compile's op passes
     dense_mask = causal_block_mask(n, bs, device)
     run("flex dense", lambda: kernel(q, k, v, dense_mask))
     for d in args.densities:

@@ -26,6 +26,7 @@ import _common as common
 import attention
 
 from sa_compile import PatternKind, SparseConfig
+from sa_compile.flex import kernel_options_for
 from sa_compile.selection import select_block_lists, select_candidate_lists
 from sa_compile.sparse_op import build_block_mask, estimate_block_scores, search_density
 from sa_compile.templates.screened_query import screened_query_lists
@@ -111,9 +112,13 @@ def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[di
     lists = timed("block selection", lambda: fns["block selection"](scores))
     tensors = timed("BlockMask build", lambda: fns["BlockMask build"](lists, n))
     timed("search + BlockMask (fused)", lambda: fns["search + BlockMask (fused)"](q, k))
-    kernel = attention.flex_kernel(device)
     mask = attention.as_block_mask(tensors, n, args.block_size)
+    options = kernel_options_for(q)
+    kernel = attention.flex_kernel(device, options)
     timed("FlexAttention kernel", lambda: kernel(q, k, v, mask))
+    if options:  # the same mask with FlexAttention's default options, for comparison
+        plain = attention.flex_kernel(device)
+        timed("FlexAttention kernel, default options", lambda: plain(q, k, v, mask))
     e2e = attention.sparse_end_to_end(config, device)
     timed("sparse_attention (fused)", lambda: e2e(q, k, v))
     dense_ms, dense_queued_ms = rows[0]["ms"], rows[0]["queued_ms"]

@@ -16,6 +16,19 @@ from torch._higher_order_ops.flex_attention import flex_attention as _flex_atten
 from torch.nn.attention.flex_attention import BlockMask, _apply_kernel_options, flex_attention
 
 
+# Kernel options for FlexAttention on CUDA. ``USE_TMA`` loads the key and value tiles with
+# Hopper's tensor memory accelerator; Inductor turns it off where the device or the tensors'
+# layout cannot use it (before sm_90, unaligned strides), so it is safe to ask for everywhere.
+# Its output is bitwise the same as without it (docs/experiments.md, "Why a high density
+# cannot pay: the kernel").
+CUDA_KERNEL_OPTIONS = {"USE_TMA": True}
+
+
+def kernel_options_for(q_BHND) -> dict | None:
+    """The FlexAttention kernel options sa_compile passes for ``q_BHND``'s device."""
+    return dict(CUDA_KERNEL_OPTIONS) if q_BHND.is_cuda else None
+
+
 def _identity_score(score, b, h, q_idx, kv_idx):
     return score
 
@@ -47,8 +60,9 @@ def flex_attention_traced(q_BHND, k_BGND, v_BGND, block_mask: BlockMask, scale: 
     if torch.compiler.is_dynamo_compiling():
         mask_mod = block_mask.mask_mod
         block_mask.mask_mod = lambda b, h, q_idx, kv_idx: mask_mod(b, h, q_idx, kv_idx, *mask_buffers)
-        return flex_attention(q_BHND, k_BGND, v_BGND, block_mask=block_mask, scale=scale, enable_gqa=True)
-    kernel_options = _apply_kernel_options(q_BHND, k_BGND, v_BGND, False, None)
+        return flex_attention(q_BHND, k_BGND, v_BGND, block_mask=block_mask, scale=scale, enable_gqa=True,
+                              kernel_options=kernel_options_for(q_BHND))
+    kernel_options = _apply_kernel_options(q_BHND, k_BGND, v_BGND, False, kernel_options_for(q_BHND))
     out, *_ = _flex_attention_hop(
         q_BHND, k_BGND, v_BGND, _identity_score, block_mask.as_tuple(), scale, kernel_options,
         (), tuple(mask_buffers),
