@@ -162,7 +162,7 @@ scale4)
     stage profile 240 python3 $B/profile_search.py --lengths 32k,128k,256k --top 20 --tag scale4_$CARD \
         --out "$R/profile"
     stage ttft 1500 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths ${LENGTHS:-32k,64k,128k,256k,512k} \
-        --systems ${SYSTEMS:-eager,sa_compile} --eager-up-to 256k --mlp-chunks 2 \
+        --systems ${SYSTEMS:-eager,sa_compile} --eager-up-to ${EAGER_UP_TO:-256k} --mlp-chunks 2 \
         --dynamic true --repeats 3 --warmup 0 --tag scale4_$CARD --out "$R/ttft"
     ;;
 *)
