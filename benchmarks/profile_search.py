@@ -115,10 +115,13 @@ def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[di
     mask = attention.as_block_mask(tensors, n, args.block_size)
     options = kernel_options_for(q)
     kernel = attention.flex_kernel(device, options)
-    timed("FlexAttention kernel", lambda: kernel(q, k, v, mask))
+    out = timed("FlexAttention kernel", lambda: kernel(q, k, v, mask))
     if options:  # the same mask with FlexAttention's default options, for comparison
         plain = attention.flex_kernel(device)
-        timed("FlexAttention kernel, default options", lambda: plain(q, k, v, mask))
+        out_plain = timed("FlexAttention kernel, default options", lambda: plain(q, k, v, mask))
+        rows[-2]["max_abs_diff_vs_default_options"] = (out.float() - out_plain.float()).abs().max().item()
+        del out_plain
+    del out
     e2e = attention.sparse_end_to_end(config, device)
     timed("sparse_attention (fused)", lambda: e2e(q, k, v))
     dense_ms, dense_queued_ms = rows[0]["ms"], rows[0]["queued_ms"]

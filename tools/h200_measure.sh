@@ -51,7 +51,7 @@
 #            measured up to 256K and extrapolated beyond. 512K needs the H200's memory (114 GiB at 3
 #            candidates) and compiles a second graph: the plan outlasts one call (~17 minutes).
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
-# CONFIGS the fidelity configs of `quality`.
+# CONFIGS the fidelity configs of `quality`; for scale4, LENGTHS, EAGER_UP_TO, PROFILE_LENGTHS, and TESTS=0 skips its tests.
 set -u
 PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final|wider|adopt|scale4}
 R=/tmp/res
@@ -158,8 +158,8 @@ adopt)
         --configs ${CONFIGS:-0.3} --passkeys 0 --out "$R/fidelity"
     ;;
 scale4)
-    stage tests 240 python3 -m pytest -q tests/op/test_sparse_op.py -k cuda
-    stage profile 240 python3 $B/profile_search.py --lengths 32k,128k,256k --top 20 --tag scale4_$CARD \
+    [ "${TESTS:-1}" = 1 ] && stage tests 240 python3 -m pytest -q tests/op/test_sparse_op.py -k cuda
+    stage profile 240 python3 $B/profile_search.py --lengths ${PROFILE_LENGTHS:-32k,128k,256k} --top 20 --tag scale4_$CARD \
         --out "$R/profile"
     stage ttft 1500 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths ${LENGTHS:-32k,64k,128k,256k,512k} \
         --systems ${SYSTEMS:-eager,sa_compile} --eager-up-to ${EAGER_UP_TO:-256k} --mlp-chunks 2 \
