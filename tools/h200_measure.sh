@@ -46,12 +46,14 @@
 #   adopt    the search's CUDA tests; where the search's time goes (32K-128K); TTFT of the default (4
 #            candidates per kept block) beside 3 and eager (32K, 64K, 128K); fidelity of the default at
 #            32K-128K with the oracle (waits for the GGUF).
-#   scale4   the sparse op's CUDA tests; the default (4 candidates per kept block) at scale: where the search's time goes (32K,
-#            128K, 256K), then TTFT beside eager at 32K-512K, MLPs in 2 chunks (eager too), eager
-#            measured up to 256K and extrapolated beyond. 512K needs the H200's memory (114 GiB at 3
-#            candidates) and compiles a second graph: the plan outlasts one call (~17 minutes).
+#   scale4   the sparse op's and the kernel options' CUDA tests; the default (4 candidates per kept
+#            block) at scale: where the search's time goes (32K, 128K, 256K), then TTFT beside eager at
+#            32K-512K, MLPs in 2 chunks (eager too), eager measured up to 256K and extrapolated beyond.
+#            512K needs the H200's memory (114 GiB at 3 candidates) and compiles a second graph: the
+#            plan outlasts one call (~17 minutes).
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
-# CONFIGS the fidelity configs of `quality`; for scale4, LENGTHS, EAGER_UP_TO, PROFILE_LENGTHS, and TESTS=0 skips its tests.
+# CONFIGS the fidelity configs of `quality`; scale4 takes LENGTHS, EAGER_UP_TO and PROFILE_LENGTHS,
+# and TESTS=0 skips its tests.
 set -u
 PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final|wider|adopt|scale4}
 R=/tmp/res
@@ -158,7 +160,7 @@ adopt)
         --configs ${CONFIGS:-0.3} --passkeys 0 --out "$R/fidelity"
     ;;
 scale4)
-    [ "${TESTS:-1}" = 1 ] && stage tests 240 python3 -m pytest -q tests/op/test_sparse_op.py -k cuda
+    [ "${TESTS:-1}" = 1 ] && stage tests 240 python3 -m pytest -q tests/op/test_sparse_op.py tests/op/test_flex_options.py -k cuda
     stage profile 240 python3 $B/profile_search.py --lengths ${PROFILE_LENGTHS:-32k,128k,256k} --top 20 --tag scale4_$CARD \
         --out "$R/profile"
     stage ttft 1500 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths ${LENGTHS:-32k,64k,128k,256k,512k} \
