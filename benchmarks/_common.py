@@ -100,7 +100,16 @@ def float_or_none(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
-_OVERRIDES = {"pattern": str, "query_stride": int, "taper_from": int_or_none, "candidates": float_or_none}
+def parse_bool(text: str) -> bool:
+    """``"true"`` / ``"false"`` (any case) -> the bool (a `--int8-estimate` style option)."""
+    value = {"true": True, "false": False}.get(text.strip().lower())
+    if value is None:
+        raise ValueError(f"expected true or false, got {text!r}")
+    return value
+
+
+_OVERRIDES = {"pattern": str, "query_stride": int, "taper_from": int_or_none, "candidates": float_or_none,
+              "int8_estimate": parse_bool}
 SELECTION_HELP = ("a selection is DENSITY[:field=value...], fields " + ", ".join(_OVERRIDES)
                   + " (e.g. 0.3, 0.2:query_stride=16:taper_from=none, 0.1:pattern=block_query)")
 

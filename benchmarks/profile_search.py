@@ -19,6 +19,7 @@ pass over the fused op lists its heaviest kernels.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import torch
 
@@ -50,7 +51,7 @@ def stages(config: SparseConfig, device):
             scores, search_density(config, scores.shape[-1], scores.device), config.search_head_budgets)
     else:  # the screened search: candidates and their scores, then a selection among them
         estimate = lambda q, k: screened_query_lists(  # noqa: E731
-            q, k, bs, config.query_stride, q.shape[-1] ** -0.5, width)
+            q, k, bs, config.query_stride, q.shape[-1] ** -0.5, width, int8_estimate=config.int8_estimate)
         select = lambda scored: select_candidate_lists(  # noqa: E731
             *scored, scored[1].shape[-2], search_density(config, scored[1].shape[-2], scored[1].device))
 
@@ -82,7 +83,7 @@ def top_kernels(fn, device, count: int) -> list[dict]:
 def profiled_config(args) -> SparseConfig:
     return SparseConfig(density=args.density, block_size=args.block_size, min_seq_len=0, pattern=args.pattern,
                         taper_from=args.taper_from, query_stride=args.query_stride, candidates=args.candidates,
-                        search_head_budgets=args.search_head_budgets)
+                        int8_estimate=args.int8_estimate, search_head_budgets=args.search_head_budgets)
 
 
 def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[dict], list[dict]]:
@@ -112,6 +113,12 @@ def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[di
     lists = timed("block selection", lambda: fns["block selection"](scores))
     tensors = timed("BlockMask build", lambda: fns["BlockMask build"](lists, n))
     timed("search + BlockMask (fused)", lambda: fns["search + BlockMask (fused)"](q, k))
+    if config.int8_estimate and config.candidate_width() is not None:  # beside logits in the inputs' dtype
+        exact = stages(replace(config, int8_estimate=False), device)
+        timed("estimate, logits in the inputs' dtype", lambda: exact["estimate (all templates)"](q, k))
+        timed("search + BlockMask (fused), logits in the inputs' dtype",
+              lambda: exact["search + BlockMask (fused)"](q, k))
+        del exact
     mask = attention.as_block_mask(tensors, n, args.block_size)
     options = kernel_options_for(q)
     kernel = attention.flex_kernel(device, options)
@@ -147,6 +154,8 @@ def parse_args(argv=None):
                    help="SparseConfig.taper_from ('none': untapered, density at every length)")
     p.add_argument("--candidates", type=common.float_or_none, default=SparseConfig.candidates,
                    help="SparseConfig.candidates ('none': the strided sample scores every block)")
+    p.add_argument("--int8-estimate", type=common.parse_bool, default=SparseConfig.int8_estimate,
+                   help="SparseConfig.int8_estimate (true: also times the estimate with logits in the inputs' dtype)")
     p.add_argument("--block-size", type=int, help="sparse block size (CUDA: 128, CPU: 32)")
     p.add_argument("--search-head-budgets", action="store_true", help="profile SparseConfig.search_head_budgets")
     p.add_argument("--top", type=int, default=12, help="kernels listed per length")

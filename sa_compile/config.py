@@ -71,6 +71,11 @@ class SparseConfig:
             cutoff, which costs quality at 32K and 64K (docs/results.md). ``None`` scores
             every causal block: ``N^2 / stride`` work. Unused by the other kinds, by
             ``search_head_budgets``, by a pattern table and without a taper (``taper_from=None``).
+        int8_estimate: the screened search (``candidates``) takes its sampled logits from int8
+            queries and keys, each token with its own scale: an exact int32 dot over half the
+            bytes of bf16 key tiles, which is what the candidate kernel's time goes to. On real
+            attention it changes a few kept blocks in a thousand and no measurable mass
+            (docs/results.md). ``False`` computes them in the inputs' dtype.
         search_head_budgets: share the layer's block budget between its heads by estimated
             mass per block of kernel work (a per-input search), instead of giving every
             head the same count. The layer computes no more blocks than with equal counts.
@@ -93,6 +98,7 @@ class SparseConfig:
     pattern: PatternKind | str = PatternKind.STRIDED_QUERY
     query_stride: int = 8
     candidates: float | None = 4.0
+    int8_estimate: bool = True
     search_head_budgets: bool = False
     patterns: str | None = None
 
@@ -115,6 +121,8 @@ class SparseConfig:
         _check(self.candidates is None or (isinstance(self.candidates, (int, float)) and not isinstance(
                self.candidates, bool) and 1.0 <= self.candidates <= 64.0),
                "candidates", self.candidates, "None or a number in [1, 64]")
+        _check(isinstance(self.int8_estimate, bool),
+               "int8_estimate", self.int8_estimate, "True or False")
         _check(isinstance(self.search_head_budgets, bool),
                "search_head_budgets", self.search_head_budgets, "True or False")
         if isinstance(self.patterns, os.PathLike):

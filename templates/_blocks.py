@@ -38,6 +38,25 @@ def logits_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
+INT8_LIMIT = 127  # int8 values run from -127 to 127: symmetric, so a sign flip stays exact
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``x`` (its last dimension) as int8 and one float32 scale per row, ``x ~=
+    x8 * scale``: the row's largest magnitude maps to 127, the others round to the nearest
+    step (halves up, as the CUDA kernels round). A row of zeros gets scale 0; non-finite
+    values count as 0, so the result is always finite."""
+    xf = x.float().nan_to_num(0.0, 0.0, 0.0)
+    scale = xf.abs().amax(-1) / INT8_LIMIT
+    steps = torch.floor(torch.where(scale[..., None] > 0, xf / scale[..., None], 0.0) + 0.5)
+    return steps.clamp(-INT8_LIMIT, INT8_LIMIT).to(torch.int8), scale
+
+
+def dequantize_int8(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """:func:`quantize_int8`'s rows back in float32."""
+    return x8.float() * scale[..., None]
+
+
 def block_offsets_QK(num_blocks_, device) -> torch.Tensor:
     """``qb - kb`` for every (query block, key block) pair; negative above the diagonal."""
     idx = torch.arange(num_blocks_, device=device)

@@ -9,6 +9,12 @@ Only slot 0, the diagonal, needs the causal mask: the other candidates lie below
 second pass turns the log-sum-exps into probabilities over the candidates and sums each
 head's rows: :func:`~sa_compile.templates.screened_query.candidate_block_mass_reference`.
 Logits are in base 2 (queries prescaled by ``log2(e)``), as in the strided-query kernel.
+
+With ``INT8`` the keys arrive as int8 with one scale per key (:func:`~._blocks.quantize_int8`)
+and the program rounds its sampled queries to int8 the same way, one scale per row: each
+candidate tile is then 16 KB instead of 32 (the kernel's time is those reads: at 256K it moves
+~86 GB of bf16 tiles per layer through L2), its dot an exact int32 one, and the logits that
+dot times the two scales.
 """
 
 from __future__ import annotations
@@ -19,15 +25,40 @@ import torch
 import triton
 import triton.language as tl
 
-from ._strided_triton import _SCRATCH_BYTES, _row_lse, _store_tile_lse, launch_shape
+from ._blocks import INT8_LIMIT
+from ._strided_triton import _SCRATCH_BYTES, _row_lse, _store_row_lse, _store_tile_lse, launch_shape
 
 
 @triton.jit
-def _candidate_mass_kernel(Q, K, VALID, CAND, SCRATCH, OUT, sqb, sqh, sqn, skb, skh, skn, svb, scb, scg, scq,
-                           sob, soh, soq, N, G, qb_first, scale2,
+def _store_int8_tile_lse(ptr, q8, q_scale, k_base, skn, ks_base, valid_base, keys, pos, N, D: tl.constexpr,
+                         DP: tl.constexpr, HAS_VALID: tl.constexpr, CAUSAL: tl.constexpr):
+    """:func:`._strided_triton._store_tile_lse` for int8 rows ``q8`` (scales ``q_scale``, base 2
+    included) against int8 keys with per-key scales at ``ks_base``."""
+    d = tl.arange(0, DP)
+    if CAUSAL:
+        k = tl.load(k_base + keys[:, None] * skn + d[None, :], mask=(keys[:, None] < N) & (d[None, :] < D), other=0)
+        k_scale = tl.load(ks_base + keys, mask=keys < N, other=0.0)
+    else:
+        k = tl.load(k_base + keys[:, None] * skn + d[None, :], mask=d[None, :] < D, other=0)
+        k_scale = tl.load(ks_base + keys)
+    s = tl.dot(q8, tl.trans(k)).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
+    if CAUSAL:
+        visible = (keys[None, :] <= pos[:, None]) & (keys[None, :] < N)
+        if HAS_VALID:
+            visible = visible & (tl.load(valid_base + keys, mask=keys < N, other=0) != 0)[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    elif HAS_VALID:
+        s = tl.where((tl.load(valid_base + keys) != 0)[None, :], s, float("-inf"))
+    _store_row_lse(ptr, s)
+
+
+@triton.jit
+def _candidate_mass_kernel(Q, K, KS, VALID, CAND, SCRATCH, OUT, sqb, sqh, sqn, skb, skh, skn, sksb, sksh, svb,
+                           scb, scg, scq, sob, soh, soq, N, G, qb_first, scale2,
                            HG: tl.constexpr, HGP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
                            W: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                           STRIDE: tl.constexpr, KBT: tl.constexpr, HAS_VALID: tl.constexpr):
+                           STRIDE: tl.constexpr, KBT: tl.constexpr, HAS_VALID: tl.constexpr, INT8: tl.constexpr,
+                           LIMIT: tl.constexpr):
     M: tl.constexpr = HGP * RP
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the rows with the most candidates start first
     qb = qb_first + tile
@@ -42,18 +73,31 @@ def _candidate_mass_kernel(Q, K, VALID, CAND, SCRATCH, OUT, sqb, sqh, sqn, skb, 
     d = tl.arange(0, DP)
     q = tl.load(Q + b * sqb + (g * HG + hh)[:, None] * sqh + pos[:, None] * sqn + d[None, :],
                 mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-    q = (q.to(tl.float32) * scale2).to(Q.dtype.element_ty)
     keys0 = tl.arange(0, BLOCK)
     cand = CAND + b * scb + g * scg + qb.to(tl.int64) * scq
     scratch = SCRATCH + (pid_bg * tl.num_programs(0) + tile).to(tl.int64) * W * M
     live = tl.minimum(qb + 1, W)  # slots holding a block; the rest hold none
     k_base, valid_base = K + b * skb + g * skh, VALID + b * svb
-    # Slot 0, the diagonal: the one candidate the causal mask and the prompt's end cut.
-    _store_tile_lse(scratch + m, q, k_base, skn, valid_base, tl.load(cand) * BLOCK + keys0, pos, N, D, DP,
-                    HAS_VALID, CAUSAL=True)
-    for w in range(1, live):  # below the diagonal: every key visible to every row
-        _store_tile_lse(scratch + w * M + m, q, k_base, skn, valid_base, tl.load(cand + w) * BLOCK + keys0, pos, N,
-                        D, DP, HAS_VALID, CAUSAL=False)
+    if INT8:
+        q = q.to(tl.float32) * scale2
+        q = tl.where(tl.abs(q) < float("inf"), q, 0.0)  # NaN and inf count as 0, as in quantize_int8
+        q_scale = tl.max(tl.abs(q), 1) / LIMIT
+        steps = tl.where(q_scale[:, None] > 0, q / q_scale[:, None], 0.0)
+        q8 = tl.clamp(tl.floor(steps + 0.5), -LIMIT, LIMIT).to(tl.int8)
+        ks_base = KS + b * sksb + g * sksh
+        # Slot 0, the diagonal: the one candidate the causal mask and the prompt's end cut.
+        _store_int8_tile_lse(scratch + m, q8, q_scale, k_base, skn, ks_base, valid_base,
+                             tl.load(cand) * BLOCK + keys0, pos, N, D, DP, HAS_VALID, CAUSAL=True)
+        for w in range(1, live):  # below the diagonal: every key visible to every row
+            _store_int8_tile_lse(scratch + w * M + m, q8, q_scale, k_base, skn, ks_base, valid_base,
+                                 tl.load(cand + w) * BLOCK + keys0, pos, N, D, DP, HAS_VALID, CAUSAL=False)
+    else:
+        q = (q.to(tl.float32) * scale2).to(Q.dtype.element_ty)
+        _store_tile_lse(scratch + m, q, k_base, skn, valid_base, tl.load(cand) * BLOCK + keys0, pos, N, D, DP,
+                        HAS_VALID, CAUSAL=True)
+        for w in range(1, live):
+            _store_tile_lse(scratch + w * M + m, q, k_base, skn, valid_base, tl.load(cand + w) * BLOCK + keys0,
+                            pos, N, D, DP, HAS_VALID, CAUSAL=False)
     row_lse = _row_lse(scratch, m, live, M, KBT)
     counted = row_ok & (row_lse > float("-inf"))
     j = tl.arange(0, HGP)
@@ -67,10 +111,11 @@ def _candidate_mass_kernel(Q, K, VALID, CAND, SCRATCH, OUT, sqb, sqh, sqn, skb, 
         tl.store(out_row + (w0 + slot)[None, :], mass, mask=(j < HG)[:, None] & (w0 + slot < W)[None, :])
 
 
-def candidate_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, kv_valid_BN: torch.Tensor | None,
-                              cand_BGQW: torch.Tensor, block_size: int, stride: int, scale: float,
-                              *, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
-    """:func:`~sa_compile.templates.screened_query.candidate_block_mass_reference` on CUDA, fused.
+def candidate_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, k_scale_BGN: torch.Tensor | None,
+                              kv_valid_BN: torch.Tensor | None, cand_BGQW: torch.Tensor, block_size: int, stride: int,
+                              scale: float, *, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """:func:`~sa_compile.templates.screened_query.candidate_block_mass_reference` on CUDA, fused
+    (int8 keys and queries where ``k_scale_BGN`` is given).
 
     ``cand_BGQW`` as :func:`~sa_compile.templates.screened_query.candidate_blocks` makes it: slot 0
     the row's diagonal, slots ``1 .. min(W, qb + 1) - 1`` distinct blocks below it, the rest
@@ -87,13 +132,17 @@ def candidate_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, kv_val
     programs = max(1, min(nb, _SCRATCH_BYTES // (B * G * W * HGP * RP * 4)))
     scratch = torch.empty(B * G * programs * W * HGP * RP, device=q_BHND.device, dtype=torch.float32)
     valid = kv_valid_BN.contiguous() if kv_valid_BN is not None else q_BHND  # unread without HAS_VALID
+    int8 = k_scale_BGN is not None
+    k_scale = k_scale_BGN.float().contiguous() if int8 else q_BHND  # unread without INT8
+    ks_strides = (k_scale.stride(0), k_scale.stride(1)) if int8 else (0, 0)
     for first in range(0, nb, programs):
         _candidate_mass_kernel[(min(programs, nb - first), B * G)](
-            q_BHND, k_BGND, valid, cand_BGQW, scratch, out_BHQW, q_BHND.stride(0), q_BHND.stride(1),
-            q_BHND.stride(2), k_BGND.stride(0), k_BGND.stride(1), k_BGND.stride(2), valid.stride(0),
+            q_BHND, k_BGND, k_scale, valid, cand_BGQW, scratch, out_BHQW, q_BHND.stride(0), q_BHND.stride(1),
+            q_BHND.stride(2), k_BGND.stride(0), k_BGND.stride(1), k_BGND.stride(2), *ks_strides, valid.stride(0),
             cand_BGQW.stride(0), cand_BGQW.stride(1), cand_BGQW.stride(2),
             out_BHQW.stride(0), out_BHQW.stride(1), out_BHQW.stride(2), N, G, first, scale * math.log2(math.e),
             HG=HG, HGP=HGP, R=R, RP=RP, W=W, BLOCK=block_size, D=D, DP=triton.next_power_of_2(D),
-            STRIDE=stride, KBT=32, HAS_VALID=kv_valid_BN is not None, num_warps=num_warps, num_stages=num_stages,
+            STRIDE=stride, KBT=32, HAS_VALID=kv_valid_BN is not None, INT8=int8, LIMIT=INT8_LIMIT,
+            num_warps=num_warps, num_stages=num_stages,
         )
     return out_BHQW

@@ -16,7 +16,10 @@ the query heads of a key head, is the screen. The diagonal block and the sink al
 first. On CUDA the screen is one fused kernel (:mod:`._screen_triton`, TF32 dots) that writes
 only each row's ranking keys; a top-k takes the candidates. The sampled queries' softmax is
 then taken over the candidates' keys only, so a candidate's score is its share of the mass
-the candidates hold.
+the candidates hold. By default those logits multiply int8 queries and keys, each token with
+its own scale (:func:`~._blocks.quantize_int8`): the candidate kernel's time is the key tiles
+it reads, and int8 halves them; on real attention it changes a few blocks in a thousand and
+no measurable mass (docs/results.md).
 
 Run ``python -m sa_compile.templates.screened_query`` to draw the candidates and the scores
 on a planted input.
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ._blocks import block_means, block_offsets_QK, num_blocks, pad_to_blocks
+from ._blocks import block_means, block_offsets_QK, dequantize_int8, num_blocks, pad_to_blocks, quantize_int8
 from ._fallback import kernel_or_reference
 from .strided_query import launch_key, sample_positions
 
@@ -143,10 +146,12 @@ def _(q_BGXD, mean_BGKD, max_BGKD, min_BGKD, width):
     return q_BGXD.new_empty(B, G, nb, nb + width, dtype=torch.float32)
 
 
-def _chunk_mass(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, blocks: range, block_size: int, stride: int,
+def _chunk_mass(q_BHND, k_BGND, k_scale_BGN, kv_valid_BN, cand_BGQW, blocks: range, block_size: int, stride: int,
                 scale: float) -> torch.Tensor:
     """Candidate mass ``[B, H, C, W]`` of query blocks ``blocks``: their samples' softmax over the
-    candidates' keys, summed per candidate block over the block's samples."""
+    candidates' keys, summed per candidate block over the block's samples. With ``k_scale_BGN``
+    the keys are int8 (:func:`~._blocks.quantize_int8`) and each sampled query is rounded to
+    int8 the same way before its logits are taken."""
     B, H, N, D = q_BHND.shape
     G, W = k_BGND.shape[1], cand_BGQW.shape[-1]
     pos_CR = sample_positions(blocks.stop, block_size, stride, q_BHND.device)[blocks.start:]
@@ -155,8 +160,12 @@ def _chunk_mass(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, blocks: range, block_siz
     keys_BGCWT = cand_BGCW.clamp(min=0)[..., None] * block_size + torch.arange(block_size, device=q_BHND.device)
     visible = (keys_BGCWT < N) & (cand_BGCW >= 0)[..., None]
     keys_BGCWT = keys_BGCWT.clamp(max=N - 1)
-    k_BGCXD = k_BGND.float().gather(2, keys_BGCWT.reshape(B, G, -1, 1).expand(-1, -1, -1, D)).view(B, G, C, W * block_size, D)
-    q_BGCYD = (q_BHND[:, :, pos_CR.clamp(max=N - 1).flatten()].float() * scale).view(B, G, H // G, C, R, D)
+    k_float = k_BGND.float() if k_scale_BGN is None else dequantize_int8(k_BGND, k_scale_BGN)
+    k_BGCXD = k_float.gather(2, keys_BGCWT.reshape(B, G, -1, 1).expand(-1, -1, -1, D)).view(B, G, C, W * block_size, D)
+    q_BHXD = q_BHND[:, :, pos_CR.clamp(max=N - 1).flatten()].float() * scale
+    if k_scale_BGN is not None:
+        q_BHXD = dequantize_int8(*quantize_int8(q_BHXD))
+    q_BGCYD = q_BHXD.view(B, G, H // G, C, R, D)
     q_BGCYD = q_BGCYD.permute(0, 1, 3, 2, 4, 5).reshape(B, G, C, (H // G) * R, D)
     logits_BGCYX = q_BGCYD @ k_BGCXD.transpose(-1, -2)
     visible_BGC1X = visible.view(B, G, C, 1, W * block_size)
@@ -171,10 +180,12 @@ def _chunk_mass(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, blocks: range, block_siz
     return per_block.permute(0, 1, 3, 2, 4).reshape(B, H, C, W)
 
 
-def candidate_block_mass_reference(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, block_size: int, stride: int,
-                                   scale: float, chunk_bytes: int = _CHUNK_BYTES) -> torch.Tensor:
+def candidate_block_mass_reference(q_BHND, k_BGND, k_scale_BGN, kv_valid_BN, cand_BGQW, block_size: int,
+                                   stride: int, scale: float, chunk_bytes: int = _CHUNK_BYTES) -> torch.Tensor:
     """The sampled queries' causal attention mass over each row's candidate blocks,
-    ``[B, H, nb, W]`` float32, one chunk of query blocks at a time."""
+    ``[B, H, nb, W]`` float32, one chunk of query blocks at a time. ``k_scale_BGN`` None: the
+    logits of the inputs as they are; else ``k_BGND`` is int8 with these per-key scales and
+    the sampled queries are rounded to int8 per query (the int8 estimate)."""
     B, H, N, _ = q_BHND.shape
     nb, W = cand_BGQW.shape[-2:]
     mass_BHQW = q_BHND.new_zeros(B, H, nb, W, dtype=torch.float32)
@@ -186,40 +197,47 @@ def candidate_block_mass_reference(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, block
     step = max(1, chunk_bytes // per_block)
     for start in range(0, nb, step):
         blocks = range(start, min(start + step, nb))
-        mass_BHQW[:, :, blocks.start:blocks.stop, :live] = _chunk_mass(q_BHND, k_BGND, kv_valid_BN, cand_BGQW,
-                                                                      blocks, block_size, stride, scale)
+        mass_BHQW[:, :, blocks.start:blocks.stop, :live] = _chunk_mass(q_BHND, k_BGND, k_scale_BGN, kv_valid_BN,
+                                                                      cand_BGQW, blocks, block_size, stride, scale)
     return mass_BHQW
 
 
 @torch.library.custom_op("sa_compile::candidate_block_mass", mutates_args=())
-def candidate_block_mass(q_BHND: torch.Tensor, k_BGND: torch.Tensor, kv_valid_BN: torch.Tensor | None,
-                         cand_BGQW: torch.Tensor, block_size: int, stride: int, scale: float) -> torch.Tensor:
-    """Mass of the sampled queries over their row's candidates, ``[B, H_q, nb, W]`` float32."""
-    args = (q_BHND, k_BGND, kv_valid_BN, cand_BGQW, block_size, stride, scale)
+def candidate_block_mass(q_BHND: torch.Tensor, k_BGND: torch.Tensor, k_scale_BGN: torch.Tensor | None,
+                         kv_valid_BN: torch.Tensor | None, cand_BGQW: torch.Tensor, block_size: int, stride: int,
+                         scale: float) -> torch.Tensor:
+    """Mass of the sampled queries over their row's candidates, ``[B, H_q, nb, W]`` float32;
+    with ``k_scale_BGN``, int8 keys and queries (:func:`candidate_block_mass_reference`)."""
+    args = (q_BHND, k_BGND, k_scale_BGN, kv_valid_BN, cand_BGQW, block_size, stride, scale)
     if not q_BHND.is_cuda:
         return candidate_block_mass_reference(*args)
     from ._screened_triton import candidate_block_mass_cuda
 
-    return kernel_or_reference("candidate_block_mass", launch_key(q_BHND, k_BGND, block_size, stride),
+    key = (*launch_key(q_BHND, k_BGND, block_size, stride), f"{k_BGND.dtype} keys")
+    return kernel_or_reference("candidate_block_mass", key,
                                lambda: candidate_block_mass_cuda(*args), lambda: candidate_block_mass_reference(*args))
 
 
 @candidate_block_mass.register_fake
-def _(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, block_size, stride, scale):
+def _(q_BHND, k_BGND, k_scale_BGN, kv_valid_BN, cand_BGQW, block_size, stride, scale):
     B, H = q_BHND.shape[:2]
     return q_BHND.new_empty(B, H, *cand_BGQW.shape[-2:], dtype=torch.float32)
 
 
 def screened_query_lists(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size: int, stride: int, scale: float,
-                         width: int, kv_valid_BN=None) -> tuple[torch.Tensor, torch.Tensor]:
+                         width: int, kv_valid_BN=None, int8_estimate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's candidates and their scores: ``(scores_BHQW, blocks_BHQW)``, slot 0 the
     diagonal, slot 1 the sink; a score is the candidate's share of the candidates' sampled
-    mass (0 for :data:`NO_BLOCK` slots)."""
+    mass (0 for :data:`NO_BLOCK` slots), from int8 queries and keys with ``int8_estimate``."""
     H, G = q_BHND.shape[1], k_BGND.shape[1]
     stats = key_block_stats(k_BGND, block_size, kv_valid_BN)
     keys_BGQC = screen_ranking_keys(screen_queries(q_BHND, G, block_size, scale), *stats, width)
     cand_BGQW = top_candidates(keys_BGQC, width)
-    mass_BHQW = candidate_block_mass(q_BHND, k_BGND, kv_valid_BN, cand_BGQW, block_size, stride, float(scale))
+    k_scale_BGN = None
+    if int8_estimate:
+        k_BGND, k_scale_BGN = quantize_int8(k_BGND)
+    mass_BHQW = candidate_block_mass(q_BHND, k_BGND, k_scale_BGN, kv_valid_BN, cand_BGQW, block_size, stride,
+                                     float(scale))
     mass_BHQW = mass_BHQW.nan_to_num(0.0)
     scores_BHQW = mass_BHQW / mass_BHQW.sum(-1, keepdim=True).clamp(min=1e-30)
     return scores_BHQW, cand_BGQW.repeat_interleave(H // G, 1)

@@ -46,16 +46,20 @@
 #   adopt    the search's CUDA tests; where the search's time goes (32K-128K); TTFT of the default (4
 #            candidates per kept block) beside 3 and eager (32K, 64K, 128K); fidelity of the default at
 #            32K-128K with the oracle (waits for the GGUF).
+#   int8     the search's, the sparse op's and the kernel options' CUDA tests; where the search's time
+#            goes with the int8 candidate estimate beside logits in the inputs' dtype (PROFILE_LENGTHS,
+#            32K-256K); TTFT of the default beside eager (LENGTHS, 32K-128K; EAGER_UP_TO, 128K).
+#            One compile: about one call and a half.
 #   scale4   the sparse op's and the kernel options' CUDA tests; the default (4 candidates per kept
 #            block) at scale: where the search's time goes (32K, 128K, 256K), then TTFT beside eager at
 #            32K-512K, MLPs in 2 chunks (eager too), eager measured up to 256K and extrapolated beyond.
 #            512K needs the H200's memory (114 GiB at 3 candidates) and compiles a second graph: the
 #            plan outlasts one call (~17 minutes).
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
-# CONFIGS the fidelity configs of `quality`; scale4 takes LENGTHS, EAGER_UP_TO and PROFILE_LENGTHS,
-# and TESTS=0 skips its tests.
+# CONFIGS the fidelity configs of `quality`; scale4 and int8 take LENGTHS, EAGER_UP_TO and PROFILE_LENGTHS,
+# and TESTS=0 skips their tests.
 set -u
-PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final|wider|adopt|scale4}
+PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final|wider|adopt|scale4|int8}
 R=/tmp/res
 mkdir -p "$R" /tmp/snap
 # A new progress file (a warm machine may hold the last plan's "done"), written before set-up:
@@ -166,6 +170,15 @@ scale4)
     stage ttft 1500 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths ${LENGTHS:-32k,64k,128k,256k,512k} \
         --systems ${SYSTEMS:-eager,sa_compile} --eager-up-to ${EAGER_UP_TO:-256k} --mlp-chunks 2 \
         --dynamic true --repeats 3 --warmup 0 --tag scale4_$CARD --out "$R/ttft"
+    ;;
+int8)
+    [ "${TESTS:-1}" = 1 ] && stage tests 240 python3 -m pytest -q tests/search/test_screened_query.py \
+        tests/op/test_sparse_op.py tests/op/test_flex_options.py -k cuda
+    stage profile 300 python3 $B/profile_search.py --lengths ${PROFILE_LENGTHS:-32k,128k,256k} --top 20 \
+        --tag int8_$CARD --out "$R/profile"
+    stage ttft 900 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths ${LENGTHS:-32k,64k,128k} \
+        --systems ${SYSTEMS:-eager,sa_compile} --eager-up-to ${EAGER_UP_TO:-128k} --mlp-chunks 2 \
+        --dynamic true --repeats 3 --warmup 0 --tag int8_$CARD --out "$R/ttft"
     ;;
 *)
     echo "unknown plan $PLAN" >>"$R/progress"

@@ -30,6 +30,7 @@ def test_every_stage_is_timed_against_dense_both_ways(profile):
     stages = [row["stage"] for row in profile["stages"]]
     assert stages[0].startswith("sdpa") and stages[1:] == [
         "estimate (all templates)", "block selection", "BlockMask build", "search + BlockMask (fused)",
+        "estimate, logits in the inputs' dtype", "search + BlockMask (fused), logits in the inputs' dtype",
         "FlexAttention kernel", "sparse_attention (fused)"]
     dense = profile["stages"][0]
     for row in profile["stages"]:
@@ -37,6 +38,7 @@ def test_every_stage_is_timed_against_dense_both_ways(profile):
         assert row["share_of_dense"] == pytest.approx(row["ms"] / dense["ms"])
         assert row["queued_share_of_dense"] == pytest.approx(row["queued_ms"] / dense["queued_ms"])
     assert profile["config"]["candidates"] == 4.0 and profile["config"]["taper_from"] == 256
+    assert profile["config"]["int8_estimate"] is True
 
 
 def test_the_fused_ops_kernels_include_the_screened_search(profile):

@@ -10,7 +10,7 @@ from sa_compile import PatternKind, SparseConfig
     [
         ("density", 0.0), ("density", 1.5), ("density", "0.1"), ("block_size", 100), ("block_size", 8),
         ("min_seq_len", -1), ("min_seq_len", 1.5), ("last_q", 0), ("last_q", 10_000), ("pattern", "diagonal"), ("pattern", 3),
-        ("search_head_budgets", 1), ("taper_from", 64), ("taper_from", 4096.0), ("patterns", ""),
+        ("search_head_budgets", 1), ("int8_estimate", "yes"), ("int8_estimate", 1), ("taper_from", 64), ("taper_from", 4096.0), ("patterns", ""),
         ("patterns", 3), ("query_stride", 3), ("query_stride", 0), ("query_stride", 256),
     ],
 )
@@ -35,7 +35,8 @@ def test_defaults_and_description():
     cfg = SparseConfig()
     assert cfg.describe() == {
         "density": 0.3, "block_size": 128, "min_seq_len": 16384, "taper_from": 32768, "last_q": 64,
-        "pattern": "strided_query", "query_stride": 8, "candidates": 4.0, "search_head_budgets": False,
+        "pattern": "strided_query", "query_stride": 8, "candidates": 4.0, "int8_estimate": True,
+        "search_head_budgets": False,
         "patterns": None,
     }
     assert SparseConfig(pattern=PatternKind.VERTICAL_SLASH).describe()["pattern"] == "vertical_slash"

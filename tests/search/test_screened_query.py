@@ -1,6 +1,8 @@
 """The screened strided-query search: its candidates, their mass against a naive float64 loop,
 the selection among them, the compiled op, and its CUDA kernel."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given
@@ -14,14 +16,22 @@ from sa_compile.templates.screened_query import (
     ranking_keys, screen_queries, screen_ranking_keys, screen_ranking_keys_reference, screen_scores,
     screened_query_lists, top_candidates,
 )
+from sa_compile.templates._blocks import dequantize_int8, quantize_int8
 from sa_compile.templates.strided_query import strided_block_mass_reference
 
 from ..helpers import assert_close, attention_inputs
 
 
-def naive_candidate_mass(q, k, kv_valid, cand, block_size, stride, scale):
+def naive_int8(row):
+    """One row rounded to int8 steps of its largest magnitude / 127, halves up, in float64."""
+    step = row.abs().max() / 127
+    return row if step == 0 else torch.floor(row / step + 0.5).clamp(-127, 127) * step
+
+
+def naive_candidate_mass(q, k, kv_valid, cand, block_size, stride, scale, int8=False):
     """One sampled query at a time: its softmax over the valid causal keys of its row's
-    candidate blocks, summed per candidate slot."""
+    candidate blocks, summed per candidate slot. ``int8``: the scaled query and every key
+    rounded to int8 first."""
     B, H, N, _ = q.shape
     G, (nb, W) = k.shape[1], cand.shape[-2:]
     mass = torch.zeros(B, H, nb, W, dtype=torch.float64)
@@ -35,8 +45,12 @@ def naive_candidate_mass(q, k, kv_valid, cand, block_size, stride, scale):
                         if kv_valid is None or kv_valid[b, key] != 0]
                 if not keys:
                     continue
-                logits = torch.stack([q[b, h, pos].double() @ k[b, h // (H // G), key].double() for _, key in keys])
-                probs = torch.softmax(logits * scale, 0)
+                query = q[b, h, pos].double() * scale
+                if int8:
+                    query = naive_int8(query)
+                rows = [k[b, h // (H // G), key].double() for _, key in keys]
+                logits = torch.stack([query @ (naive_int8(row) if int8 else row) for row in rows])
+                probs = torch.softmax(logits, 0)
                 for (w, _), p in zip(keys, probs):
                     mass[b, h, qb, w] += p
     return mass
@@ -44,9 +58,9 @@ def naive_candidate_mass(q, k, kv_valid, cand, block_size, stride, scale):
 
 @given(seed=st.integers(0, 2**16), n=st.integers(1, 100), block=st.sampled_from([16, 32]),
        stride=st.sampled_from([1, 4, 16]), group=st.sampled_from([1, 3]), padded=st.booleans(),
-       width=st.integers(1, 8), chunk_bytes=st.sampled_from([1, 1 << 28]))
+       width=st.integers(1, 8), chunk_bytes=st.sampled_from([1, 1 << 28]), int8=st.booleans())
 def test_candidate_mass_is_the_sampled_queries_exact_mass_over_candidates(seed, n, block, stride, group, padded,
-                                                                          width, chunk_bytes):
+                                                                          width, chunk_bytes, int8):
     q, k, _ = attention_inputs(seed, 1, 2 * group, 2, n, 8, torch.float32)
     gen = torch.Generator().manual_seed(seed)
     kv_valid = (torch.rand(1, n, generator=gen) > 0.3).long() if padded else None
@@ -55,9 +69,47 @@ def test_candidate_mass_is_the_sampled_queries_exact_mass_over_candidates(seed, 
     keys = torch.rand(1, 2, nb, nb, generator=gen).masked_fill(torch.ones(nb, nb, dtype=torch.bool).triu(1), -1)
     top = keys.topk(min(width, nb), -1)
     cand = torch.where(top.values >= 0, top.indices, NO_BLOCK)
-    got = candidate_block_mass_reference(q, k, kv_valid, cand, block, stride, 0.4, chunk_bytes=chunk_bytes)
-    torch.testing.assert_close(got.double(), naive_candidate_mass(q, k, kv_valid, cand, block, stride, 0.4),
-                               atol=1e-5, rtol=1e-5)
+    k_in, k_scale = quantize_int8(k) if int8 else (k, None)
+    got = candidate_block_mass_reference(q, k_in, k_scale, kv_valid, cand, block, stride, 0.4, chunk_bytes=chunk_bytes)
+    expected = naive_candidate_mass(q, k, kv_valid, cand, block, stride, 0.4, int8)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 20), width=st.integers(1, 130),
+       magnitude=st.sampled_from([1e-30, 1e-3, 1.0, 1e4, 1e30]))
+def test_int8_rows_round_to_the_nearest_step_of_their_largest_value(seed, rows, width, magnitude):
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(seed)) * magnitude
+    x[0] = 0.0  # a row of zeros: scale 0, every value 0
+    if rows > 1:
+        x[1, 0] = float("nan")  # non-finite values count as 0
+        x[1, -1] = float("inf")
+    x8, scale = quantize_int8(x)
+    assert x8.dtype == torch.int8 and scale.dtype == torch.float32
+    assert scale[0] == 0 and torch.all(x8[0] == 0)
+    finite = x.nan_to_num(0.0, 0.0, 0.0)
+    back = dequantize_int8(x8, scale)
+    assert torch.all(torch.isfinite(back))
+    assert torch.all((back - finite).abs() <= scale[:, None] * 0.5001 + 1e-30 * magnitude)
+    peak = finite.abs().argmax(-1, keepdim=True)
+    nonzero = finite.abs().amax(-1) > 0
+    assert torch.all(x8.gather(-1, peak).abs()[nonzero] == 127)
+
+
+def test_int8_estimate_keeps_almost_the_same_blocks_as_the_exact_one():
+    """On an input with real attention's structure (a positional band, a sink, retrieved
+    spans) the int8 logits move almost no kept block, and every row stays causal."""
+    B, H, G, N, D, block = 1, 4, 2, 2048, 32, 32
+    gen = torch.Generator().manual_seed(7)
+    pos_ND = torch.cos(torch.arange(N)[:, None] * torch.logspace(-3, 0, D))
+    q = torch.randn(B, H, N, D, generator=gen) * 0.5 + pos_ND
+    k = torch.randn(B, G, N, D, generator=gen) * 0.5 + pos_ND
+    k[:, :, :16] *= 4  # a sink
+    config = SparseConfig(block_size=block, taper_from=512, min_seq_len=0, candidates=2)
+    exact = select_kept_blocks(q, k, replace(config, int8_estimate=False), D**-0.5)
+    int8 = select_kept_blocks(q, k, config, D**-0.5)
+    assert torch.equal(int8.sum(-1), exact.sum(-1))  # the same budget
+    assert (int8 & ~exact).sum() <= 0.01 * exact.sum()
+    assert not torch.any(int8 & torch.ones(N // block, N // block, dtype=torch.bool).triu(1))
 
 
 @given(seed=st.integers(0, 2**16), n=st.integers(1, 200), width=st.integers(1, 12), padded=st.booleans())
@@ -157,9 +209,10 @@ def test_selection_keeps_the_best_candidates_at_the_unscreened_counts():
 
 
 def test_candidates_holding_every_causal_block_rank_like_the_unscreened_search():
-    """With a slot for every causal block, the candidates' mass is the strided mass."""
+    """With a slot for every causal block, the candidates' mass is the strided mass (logits in the
+    inputs' dtype: the strided template has no int8 form)."""
     q, k, _ = attention_inputs(4, 1, 4, 2, 300, 16, torch.float32)
-    scores, blocks = screened_query_lists(q, k, 32, 8, 0.25, width=10)
+    scores, blocks = screened_query_lists(q, k, 32, 8, 0.25, width=10, int8_estimate=False)
     full = strided_block_mass_reference(q, k, None, 32, 8, 0.25)
     gathered = full.gather(-1, blocks.clamp(min=0)) * (blocks >= 0)
     assert_close(scores, gathered / gathered.sum(-1, keepdim=True))
@@ -215,9 +268,10 @@ def test_cuda_kernel_matches_the_reference(dtype, shape):
     kv_valid[:, : N // 7] = 0  # left padding
     for valid in (None, kv_valid):
         cand = candidate_blocks(screen_scores(q, k, block, D**-0.5, valid), width)
-        got = candidate_block_mass(q, k, valid, cand, block, stride, D**-0.5)
-        expected = candidate_block_mass_reference(q, k, valid, cand, block, stride, D**-0.5)
-        torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+        for k_in, k_scale in ((k, None), quantize_int8(k)):
+            got = candidate_block_mass(q, k_in, k_scale, valid, cand, block, stride, D**-0.5)
+            expected = candidate_block_mass_reference(q, k_in, k_scale, valid, cand, block, stride, D**-0.5)
+            torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernel runs on CUDA")
