@@ -155,7 +155,7 @@ def parse_configs(text: str) -> list[tuple[PatternKind | str, float, dict]]:
 
 def spec_of(cfg: SparseConfig, args) -> tuple:
     """``cfg`` as ``parse_configs`` spells it, its overrides relative to the command line's."""
-    overrides = {field: getattr(cfg, field) for field in ("query_stride", "taper_from", "candidates")
+    overrides = {field: getattr(cfg, field) for field in ("query_stride", "taper_from", "candidates", "int8_estimate")
                  if getattr(cfg, field) != getattr(args, field, getattr(SparseConfig, field))}
     return cfg.pattern, cfg.density, overrides
 
@@ -175,8 +175,9 @@ def wants_passkeys(args, cfg: SparseConfig) -> bool:
 def same_blocks(cfg: SparseConfig, n: int) -> tuple:
     """What decides the kept blocks at length ``n``: two configs equal here give the same run."""
     nb = -(-n // cfg.block_size)
+    width = cfg.candidate_width()
     return (cfg.pattern, cfg.density_at(nb), cfg.query_stride, cfg.block_size, cfg.search_head_budgets,
-            cfg.candidate_width())
+            width, width is not None and cfg.int8_estimate)  # int8 logits only where candidates are scored
 
 
 @contextlib.contextmanager

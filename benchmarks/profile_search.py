@@ -54,12 +54,8 @@ def stages(config: SparseConfig, device):
             q, k, bs, config.query_stride, q.shape[-1] ** -0.5, width, int8_estimate=config.int8_estimate)
         select = lambda scored: select_candidate_lists(  # noqa: E731
             *scored, scored[1].shape[-2], search_density(config, scored[1].shape[-2], scored[1].device))
-        select_counted = lambda scored: select_candidate_lists(  # noqa: E731
-            *scored, scored[1].shape[-2], search_density(config, scored[1].shape[-2], scored[1].device),
-            ranking="count")
 
-    counted = {} if width is None else {"block selection, counted ranks": compile_(select_counted, device)}
-    return counted | {
+    return {
         "last-q attention": compile_(lambda q, k: last_q_attention(q, k, config.last_q, q.shape[-1] ** -0.5), device),
         "vertical-slash scores": compile_(
             lambda attn, q, k: vertical_slash_block_scores(attn, bs, q, k, q.shape[-1] ** -0.5), device),
@@ -115,10 +111,6 @@ def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[di
         timed("pooled block scores", lambda: fns["pooled block scores"](q, k))
     scores = timed("estimate (all templates)", lambda: fns["estimate (all templates)"](q, k))
     lists = timed("block selection", lambda: fns["block selection"](scores))
-    if "block selection, counted ranks" in fns:  # the same lists without a sort
-        counted = timed("block selection, counted ranks", lambda: fns["block selection, counted ranks"](scores))
-        rows[-1]["same_lists_as_sort"] = all(torch.equal(a, b) for a, b in zip(counted, lists))
-        del counted
     tensors = timed("BlockMask build", lambda: fns["BlockMask build"](lists, n))
     timed("search + BlockMask (fused)", lambda: fns["search + BlockMask (fused)"](q, k))
     if config.int8_estimate and config.candidate_width() is not None:  # beside logits in the inputs' dtype

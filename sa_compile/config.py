@@ -73,7 +73,8 @@ class SparseConfig:
             ``search_head_budgets``, by a pattern table and without a taper (``taper_from=None``).
         int8_estimate: the screened search (``candidates``) takes its sampled logits from int8
             queries and keys, each token with its own scale: an exact int32 dot over half the
-            bytes of bf16 key tiles, which is what the candidate kernel's time goes to. On real
+            bytes of bf16 key tiles. On an H100 the search is 8.5% cheaper at 256K (1.9% of
+            dense attention instead of 2.1%), 2.7% at 128K, and no faster at 32K; on real
             attention it changes a few kept blocks in a thousand and no measurable mass
             (docs/results.md). ``False`` computes them in the inputs' dtype.
         search_head_budgets: share the layer's block budget between its heads by estimated

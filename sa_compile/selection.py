@@ -105,22 +105,8 @@ def select_block_lists(scores_BHQK: torch.Tensor, density,
     return order_BHQK, row_counts(k_BH1, nb, scores_BHQK.device)
 
 
-def stable_descending_order(keys_BHQW: torch.Tensor) -> torch.Tensor:
-    """``torch.sort(keys, descending=True, stable=True).indices`` without a sort: each entry's
-    rank is the number of entries above it plus the equal ones before it, and each index is
-    scattered to its rank. ``W^2`` comparisons per row, which Inductor reduces on chip; keys
-    must not be NaN."""
-    W = keys_BHQW.shape[-1]
-    slot_W = torch.arange(W, device=keys_BHQW.device)
-    mine, other = keys_BHQW[..., :, None], keys_BHQW[..., None, :]
-    before_WW = slot_W[None, :] < slot_W[:, None]
-    rank_BHQW = ((other > mine) | ((other == mine) & before_WW)).sum(-1)
-    order = torch.empty_like(rank_BHQW)
-    return order.scatter_(-1, rank_BHQW, slot_W.expand_as(rank_BHQW))
-
-
 def select_candidate_lists(scores_BHQW: torch.Tensor, blocks_BHQW: torch.Tensor, num_blocks_,
-                           density, ranking: str = "sort") -> tuple[torch.Tensor, torch.Tensor]:
+                           density) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`select_block_lists` over each row's candidates (a screened search): the kept
     blocks are ``order_BHQW[..., :count_BHQ]``, the diagonal (slot 0 of the candidates) and
     the sink (slot 1) first, then the other candidates by score.
@@ -134,10 +120,7 @@ def select_candidate_lists(scores_BHQW: torch.Tensor, blocks_BHQW: torch.Tensor,
     keys = _finite_keys(scores_BHQW)
     keys = torch.where(slot_W < 2, float("inf"), keys)  # diagonal then sink, by construction
     keys = torch.where(blocks_BHQW < 0, float("-inf"), keys)
-    if ranking == "count":
-        order_BHQW = stable_descending_order(keys)
-    else:
-        _, order_BHQW = torch.sort(keys, dim=-1, descending=True, stable=True)
+    _, order_BHQW = torch.sort(keys, dim=-1, descending=True, stable=True)
     k = blocks_per_row(num_blocks_, density, blocks_BHQW.device)
     count_BHQ = torch.minimum(row_counts(k, num_blocks_, blocks_BHQW.device), (blocks_BHQW >= 0).sum(-1))
     return blocks_BHQW.gather(-1, order_BHQW).clamp(min=0), count_BHQ

@@ -146,8 +146,8 @@ def strided_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, kv_valid
                             num_warps: int | None = None, num_stages: int = 3) -> torch.Tensor:
     """:func:`~sa_compile.templates.strided_query.strided_block_mass_reference` on CUDA, fused.
 
-    The keywords are launch choices, which ``benchmarks/experiments/strided_kernel_launch.py``
-    times; the defaults are the fastest it measured on the H200."""
+    The keywords are launch choices; the defaults are the fastest a one-off timing of them
+    measured on the H200 (docs/results.md, "Search cost")."""
     B, H, N, D = q_BHND.shape
     G = k_BGND.shape[1]
     HG, R = H // G, block_size // stride

@@ -50,8 +50,6 @@
 #            goes with the int8 candidate estimate beside logits in the inputs' dtype (PROFILE_LENGTHS,
 #            32K-256K); TTFT of the default beside eager (LENGTHS, 32K-128K; EAGER_UP_TO, 128K).
 #            One compile: about one call and a half.
-#   rank     the kernel options' CUDA test; where the search's time goes (PROFILE_LENGTHS, 32K-256K),
-#            with the selection's lists by counted ranks beside the sort; then the sparse op's CUDA tests.
 #   scale4   the sparse op's and the kernel options' CUDA tests; the default (4 candidates per kept
 #            block) at scale: where the search's time goes (32K, 128K, 256K), then TTFT beside eager at
 #            32K-512K, MLPs in 2 chunks (eager too), eager measured up to 256K and extrapolated beyond.
@@ -61,7 +59,7 @@
 # CONFIGS the fidelity configs of `quality`; scale4 and int8 take LENGTHS, EAGER_UP_TO and PROFILE_LENGTHS,
 # and TESTS=0 skips their tests.
 set -u
-PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final|wider|adopt|scale4|int8|rank}
+PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final|wider|adopt|scale4|int8}
 R=/tmp/res
 mkdir -p "$R" /tmp/snap
 # A new progress file (a warm machine may hold the last plan's "done"), written before set-up:
@@ -181,12 +179,6 @@ int8)
     stage ttft 900 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths ${LENGTHS:-32k,64k,128k} \
         --systems ${SYSTEMS:-eager,sa_compile} --eager-up-to ${EAGER_UP_TO:-128k} --mlp-chunks 2 \
         --dynamic true --repeats 3 --warmup 0 --tag int8_$CARD --out "$R/ttft"
-    ;;
-rank)
-    stage tests 120 python3 -m pytest -q tests/op/test_flex_options.py -k cuda
-    stage profile 300 python3 $B/profile_search.py --lengths ${PROFILE_LENGTHS:-32k,128k,256k} --top 20 \
-        --tag rank_$CARD --out "$R/profile"
-    stage tests_op 240 python3 -m pytest -q tests/op/test_sparse_op.py -k cuda
     ;;
 *)
     echo "unknown plan $PLAN" >>"$R/progress"

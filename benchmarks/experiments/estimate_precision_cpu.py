@@ -9,7 +9,9 @@ per-query loss), beside bf16 (the GPU op's inputs) and the oracle at the same pe
 and how many kept blocks change.
 
 Quantization is per token (each key's, or query's, largest magnitude maps to the format's
-largest value), applied only to the candidate estimate's inputs; the screen sees bf16.
+largest value), applied only to the candidate estimate's inputs; the screen sees bf16. The
+variants round the inputs of the exact estimate (``int8_estimate=False``); "int8 (the op)" is
+the shipped ``SparseConfig()`` default, which should match "q,k int8".
 
     python benchmarks/experiments/estimate_precision_cpu.py --length 32768 --layers 2,10,20
 """
@@ -50,6 +52,7 @@ VARIANTS = {
     "k fp8": (None, fp8_per_token),
     "q,k int8": (int8_per_token, int8_per_token),
     "q,k fp8": (fp8_per_token, fp8_per_token),
+    "int8 (the op)": None,
 }
 
 
@@ -70,7 +73,7 @@ def main(argv=None) -> None:
         _, captured = capture_qk(model, ids, layers)
     print(f"captured {ids.shape[1]} tokens, layers {layers}: {time.time() - start:.0f}s", flush=True)
     scale = model.model.layers[0].self_attn.scaling
-    config = SparseConfig()
+    config = SparseConfig(int8_estimate=False)
     exact_mass = screened.candidate_block_mass
     totals = {name: [0.0, 0.0] for name in [*VARIANTS, "oracle"]}
     with torch.inference_mode():
@@ -79,28 +82,31 @@ def main(argv=None) -> None:
             mass = true_block_mass(q, k, config.block_size, scale)
             total = float(mass.sum())
             base = None
-            for name, (fq, fk) in VARIANTS.items():
-                def quantized(q_, k_, *rest, fq=fq, fk=fk):
-                    return exact_mass(fq(q_) if fq else q_, fk(k_) if fk else k_, *rest)
-                screened.candidate_block_mass = quantized
-                try:
-                    keep = select_kept_blocks(q, k, config, scale)
-                finally:
-                    screened.candidate_block_mass = exact_mass
+            for name, rounding in VARIANTS.items():
+                if rounding is None:
+                    keep = select_kept_blocks(q, k, SparseConfig(), scale)
+                else:
+                    def rounded(q_, k_, k_scale, *rest, fq=rounding[0], fk=rounding[1]):
+                        return exact_mass(fq(q_) if fq else q_, fk(k_) if fk else k_, k_scale, *rest)
+                    screened.candidate_block_mass = rounded
+                    try:
+                        keep = select_kept_blocks(q, k, config, scale)
+                    finally:
+                        screened.candidate_block_mass = exact_mass
                 recall = float((mass * keep).sum()) / total
                 if base is None:
                     base = keep
                     oracle = oracle_keep(mass, keep.sum(-1))
                 changed = float((keep & ~base).sum()) / float(base.sum())
                 totals[name][0] += recall
-                print(f"layer {layer} {name:9s} recall {recall:.5f} loss {1 - recall:.5f} "
+                print(f"layer {layer} {name:13s} recall {recall:.5f} loss {1 - recall:.5f} "
                       f"blocks changed vs bf16 {changed:.4f}", flush=True)
             o = float((mass * oracle).sum()) / total
             totals["oracle"][0] += o
-            print(f"layer {layer} oracle    recall {o:.5f} loss {1 - o:.5f}", flush=True)
+            print(f"layer {layer} oracle        recall {o:.5f} loss {1 - o:.5f}", flush=True)
     n = len(captured)
     for name, (r, _) in totals.items():
-        print(f"mean over layers: {name:9s} loss {1 - r / n:.5f}")
+        print(f"mean over layers: {name:13s} loss {1 - r / n:.5f}")
     print(f"done {time.time() - start:.0f}s")
 
 

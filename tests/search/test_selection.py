@@ -8,8 +8,7 @@ from sa_compile import SparseConfig
 from sa_compile.patterns import realized_density
 from sa_compile.selection import (
     blocks_per_row, causal_block_count, diagonal_only, grid_cost, keep_mask, select_block_lists,
-    head_blocks_per_row, rank_blocks, select_blocks, select_candidate_lists, stable_descending_order,
-    tapered_density,
+    head_blocks_per_row, rank_blocks, select_blocks, tapered_density,
 )
 
 from ..strategies import core
@@ -188,25 +187,3 @@ def test_searched_head_budgets_go_where_the_mass_is_spread():
     assert per_head[2] > uniform.sum((-1, -2))[0, 2]
     assert searched.sum() <= uniform.sum()
     assert (scores * searched).sum() > (scores * uniform).sum()
-
-
-@given(seed=st.integers(0, 2**16), rows=st.integers(1, 6), width=st.integers(1, 200), levels=st.integers(1, 6))
-def test_counted_ranks_order_rows_as_the_stable_descending_sort(seed, rows, width, levels):
-    """Ties (few distinct levels), infinities at both ends: the same permutation as the sort."""
-    gen = torch.Generator().manual_seed(seed)
-    keys = torch.randint(0, levels, (rows, width), generator=gen).float()
-    keys[torch.rand(rows, width, generator=gen) < 0.1] = float("inf")
-    keys[torch.rand(rows, width, generator=gen) < 0.1] = float("-inf")
-    expected = torch.sort(keys, dim=-1, descending=True, stable=True).indices
-    assert torch.equal(stable_descending_order(keys), expected)
-
-
-def test_candidate_lists_by_counted_ranks_are_the_sorted_lists():
-    gen = torch.Generator().manual_seed(3)
-    nb, W = 40, 12
-    scores = torch.rand(2, 3, nb, W, generator=gen).round(decimals=1)  # ties
-    blocks = torch.stack([torch.randperm(nb, generator=gen)[:W] for _ in range(2 * 3 * nb)]).view(2, 3, nb, W)
-    blocks[..., -2:] = -1  # empty slots
-    sorted_lists = select_candidate_lists(scores, blocks, nb, 0.2)
-    counted_lists = select_candidate_lists(scores, blocks, nb, 0.2, ranking="count")
-    assert all(torch.equal(a, b) for a, b in zip(sorted_lists, counted_lists))
