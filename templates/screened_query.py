@@ -160,8 +160,11 @@ def _chunk_mass(q_BHND, k_BGND, k_scale_BGN, kv_valid_BN, cand_BGQW, blocks: ran
     keys_BGCWT = cand_BGCW.clamp(min=0)[..., None] * block_size + torch.arange(block_size, device=q_BHND.device)
     visible = (keys_BGCWT < N) & (cand_BGCW >= 0)[..., None]
     keys_BGCWT = keys_BGCWT.clamp(max=N - 1)
-    k_float = k_BGND.float() if k_scale_BGN is None else dequantize_int8(k_BGND, k_scale_BGN)
-    k_BGCXD = k_float.gather(2, keys_BGCWT.reshape(B, G, -1, 1).expand(-1, -1, -1, D)).view(B, G, C, W * block_size, D)
+    # Gathered first, then widened: only the chunk's candidate keys, not every key per chunk.
+    index_BGX1 = keys_BGCWT.reshape(B, G, -1, 1)
+    k_BGXD = k_BGND.gather(2, index_BGX1.expand(-1, -1, -1, D))
+    k_BGXD = k_BGXD.float() if k_scale_BGN is None else dequantize_int8(k_BGXD, k_scale_BGN.gather(2, index_BGX1[..., 0]))
+    k_BGCXD = k_BGXD.view(B, G, C, W * block_size, D)
     q_BHXD = q_BHND[:, :, pos_CR.clamp(max=N - 1).flatten()].float() * scale
     if k_scale_BGN is not None:
         q_BHXD = dequantize_int8(*quantize_int8(q_BHXD))
