@@ -182,7 +182,8 @@ def test_config_overrides_parse_label_and_twins_below_the_taper():
     assert fidelity.same_blocks(unscreened, 65536) != fidelity.same_blocks(configs[1], 65536)
     # The int8 estimate changes the screened search's blocks, and nothing where no candidates are scored.
     exact, = fidelity.selections(fidelity.parse_args(["--configs", "0.3:int8_estimate=false", "--device", "cpu"]))
-    assert exact.int8_estimate is False and fidelity.same_blocks(exact, 32768) != fidelity.same_blocks(configs[0], 32768)
+    assert exact.int8_estimate is False
+    assert fidelity.same_blocks(exact, 32768) != fidelity.same_blocks(configs[0], 32768)
     assert fidelity.label(exact, args) == "0.3:int8_estimate=False"
     assert fidelity.same_blocks(dataclasses.replace(configs[1], int8_estimate=False), 32768) == \
         fidelity.same_blocks(configs[1], 32768)

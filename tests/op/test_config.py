@@ -10,7 +10,8 @@ from sa_compile import PatternKind, SparseConfig
     [
         ("density", 0.0), ("density", 1.5), ("density", "0.1"), ("block_size", 100), ("block_size", 8),
         ("min_seq_len", -1), ("min_seq_len", 1.5), ("last_q", 0), ("last_q", 10_000), ("pattern", "diagonal"), ("pattern", 3),
-        ("search_head_budgets", 1), ("int8_estimate", "yes"), ("int8_estimate", 1), ("taper_from", 64), ("taper_from", 4096.0), ("patterns", ""),
+        ("search_head_budgets", 1), ("int8_estimate", "yes"), ("int8_estimate", 1),
+        ("taper_from", 64), ("taper_from", 4096.0), ("patterns", ""),
         ("patterns", 3), ("query_stride", 3), ("query_stride", 0), ("query_stride", 256),
     ],
 )
