@@ -55,8 +55,9 @@
 #            32K-512K, MLPs in 2 chunks (eager too), eager measured up to 256K and extrapolated beyond.
 #            512K needs the H200's memory (114 GiB at 3 candidates) and compiles a second graph: the
 #            plan outlasts one call (~17 minutes).
-#   variants the candidate kernel's variants (benchmarks/experiments/candidate_kernel_variants.py, 32K-256K),
-#            then the sparse op's CUDA tests.
+#   variants the screened search's CUDA tests; the candidate kernel's variants
+#            (benchmarks/experiments/candidate_kernel_variants.py, 32K-256K); where the search's time goes
+#            (PROFILE_LENGTHS, 32K-256K).
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
 # CONFIGS the fidelity configs of `quality`; scale4 and int8 take LENGTHS, EAGER_UP_TO and PROFILE_LENGTHS,
 # and TESTS=0 skips their tests.
@@ -183,9 +184,11 @@ int8)
         --dynamic true --repeats 3 --warmup 0 --tag int8_$CARD --out "$R/ttft"
     ;;
 variants)
-    stage variants 240 python3 $B/experiments/candidate_kernel_variants.py --lengths ${LENGTHS:-32k,128k,256k} \
+    [ "${TESTS:-1}" = 1 ] && stage tests 150 python3 -m pytest -q tests/search/test_screened_query.py -k cuda
+    stage variants 200 python3 $B/experiments/candidate_kernel_variants.py --lengths ${LENGTHS:-32k,128k,256k} \
         --out "$R/variants_$CARD.json"
-    stage tests 300 python3 -m pytest -q tests/op/test_sparse_op.py -k cuda
+    stage profile 200 python3 $B/profile_search.py --lengths ${PROFILE_LENGTHS:-32k,128k,256k} --top 20 \
+        --tag tiles_$CARD --out "$R/profile"
     ;;
 *)
     echo "unknown plan $PLAN" >>"$R/progress"
