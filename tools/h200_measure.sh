@@ -55,7 +55,7 @@
 #            32K-512K, MLPs in 2 chunks (eager too), eager measured up to 256K and extrapolated beyond.
 #            512K needs the H200's memory (114 GiB at 3 candidates) and compiles a second graph: the
 #            plan outlasts one call (~17 minutes).
-#   variants the screened search's CUDA tests; the candidate kernel's variants
+#   variants the screened search's CUDA kernel tests; the candidate kernel's variants
 #            (benchmarks/experiments/candidate_kernel_variants.py, 32K-256K); where the search's time goes
 #            (PROFILE_LENGTHS, 32K-256K).
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
@@ -184,7 +184,7 @@ int8)
         --dynamic true --repeats 3 --warmup 0 --tag int8_$CARD --out "$R/ttft"
     ;;
 variants)
-    [ "${TESTS:-1}" = 1 ] && stage tests 150 python3 -m pytest -q tests/search/test_screened_query.py -k cuda
+    [ "${TESTS:-1}" = 1 ] && stage tests 150 python3 -m pytest -q tests/search/test_screened_query.py -k "cuda and kernel"
     stage variants 200 python3 $B/experiments/candidate_kernel_variants.py --lengths ${LENGTHS:-32k,128k,256k} \
         --out "$R/variants_$CARD.json"
     stage profile 200 python3 $B/profile_search.py --lengths ${PROFILE_LENGTHS:-32k,128k,256k} --top 20 \
