@@ -57,19 +57,6 @@ def dequantize_int8(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x8.float() * scale[..., None]
 
 
-def quantize_int8_tiles(x_BGND: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_int8` with one scale per tile of ``block_size`` rows (dim -2) instead of
-    one per row: ``(x8_BGND, scale_BGK)``, ``x ~= x8 * scale`` of the row's tile. The last tile
-    may be short."""
-    N = x_BGND.shape[-2]
-    tiles = pad_to_blocks(x_BGND.float().nan_to_num(0.0, 0.0, 0.0), block_size, dim=-2)
-    tiles = tiles.unflatten(-2, (num_blocks(N, block_size), block_size))
-    scale = tiles.abs().amax((-1, -2)) / INT8_LIMIT
-    steps = torch.floor(torch.where(scale[..., None, None] > 0, tiles / scale[..., None, None], 0.0) + 0.5)
-    x8 = steps.clamp(-INT8_LIMIT, INT8_LIMIT).to(torch.int8).flatten(-3, -2)
-    return x8[..., :N, :], scale
-
-
 def block_offsets_QK(num_blocks_, device) -> torch.Tensor:
     """``qb - kb`` for every (query block, key block) pair; negative above the diagonal."""
     idx = torch.arange(num_blocks_, device=device)

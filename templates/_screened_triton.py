@@ -30,32 +30,26 @@ from ._strided_triton import _SCRATCH_BYTES, _row_lse, _store_row_lse, _store_ti
 
 
 @triton.jit
-def _store_int8_tile_lse(ptr, q8, q_scale, k_base, skn, tile_scale, valid_base, keys, pos, N, D: tl.constexpr,
+def _store_int8_tile_lse(ptr, q8, q_scale, k_base, skn, ks_base, valid_base, keys, pos, N, D: tl.constexpr,
                          DP: tl.constexpr, HAS_VALID: tl.constexpr, CAUSAL: tl.constexpr):
     """:func:`._strided_triton._store_tile_lse` for int8 rows ``q8`` (scales ``q_scale``, base 2
-    included) against an int8 key tile with one scale, ``tile_scale``. A row's logits are its
-    exact int32 dots times one number, so its peak is the integer max and each exponent one FMA."""
+    included) against int8 keys with per-key scales at ``ks_base``."""
     d = tl.arange(0, DP)
     if CAUSAL:
         k = tl.load(k_base + keys[:, None] * skn + d[None, :], mask=(keys[:, None] < N) & (d[None, :] < D), other=0)
+        k_scale = tl.load(ks_base + keys, mask=keys < N, other=0.0)
     else:
         k = tl.load(k_base + keys[:, None] * skn + d[None, :], mask=d[None, :] < D, other=0)
-    x = tl.dot(q8, tl.trans(k))  # exact: |x| <= 127 * 127 * D
-    c = q_scale * tile_scale
-    if CAUSAL or HAS_VALID:
-        if CAUSAL:
-            visible = (keys[None, :] <= pos[:, None]) & (keys[None, :] < N)
-            if HAS_VALID:
-                visible = visible & (tl.load(valid_base + keys, mask=keys < N, other=0) != 0)[None, :]
-        else:
-            visible = (tl.load(valid_base + keys) != 0)[None, :]
-        x = tl.where(visible, x, -(1 << 30))  # below every dot; a row with none visible stays finite
-        peak = tl.max(x, 1).to(tl.float32) * c
-        e = tl.where(visible, tl.exp2(x.to(tl.float32) * c[:, None] - peak[:, None]), 0.0)
-    else:
-        peak = tl.max(x, 1).to(tl.float32) * c
-        e = tl.exp2(x.to(tl.float32) * c[:, None] - peak[:, None])
-    tl.store(ptr, peak + tl.log2(tl.sum(e, 1)))
+        k_scale = tl.load(ks_base + keys)
+    s = tl.dot(q8, tl.trans(k)).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
+    if CAUSAL:
+        visible = (keys[None, :] <= pos[:, None]) & (keys[None, :] < N)
+        if HAS_VALID:
+            visible = visible & (tl.load(valid_base + keys, mask=keys < N, other=0) != 0)[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    elif HAS_VALID:
+        s = tl.where((tl.load(valid_base + keys) != 0)[None, :], s, float("-inf"))
+    _store_row_lse(ptr, s)
 
 
 @triton.jit
@@ -92,13 +86,11 @@ def _candidate_mass_kernel(Q, K, KS, VALID, CAND, SCRATCH, OUT, sqb, sqh, sqn, s
         q8 = tl.clamp(tl.floor(steps + 0.5), -LIMIT, LIMIT).to(tl.int8)
         ks_base = KS + b * sksb + g * sksh
         # Slot 0, the diagonal: the one candidate the causal mask and the prompt's end cut.
-        blk = tl.load(cand)
-        _store_int8_tile_lse(scratch + m, q8, q_scale, k_base, skn, tl.load(ks_base + blk), valid_base,
-                             blk * BLOCK + keys0, pos, N, D, DP, HAS_VALID, CAUSAL=True)
+        _store_int8_tile_lse(scratch + m, q8, q_scale, k_base, skn, ks_base, valid_base,
+                             tl.load(cand) * BLOCK + keys0, pos, N, D, DP, HAS_VALID, CAUSAL=True)
         for w in range(1, live):  # below the diagonal: every key visible to every row
-            blk = tl.load(cand + w)
-            _store_int8_tile_lse(scratch + w * M + m, q8, q_scale, k_base, skn, tl.load(ks_base + blk), valid_base,
-                                 blk * BLOCK + keys0, pos, N, D, DP, HAS_VALID, CAUSAL=False)
+            _store_int8_tile_lse(scratch + w * M + m, q8, q_scale, k_base, skn, ks_base, valid_base,
+                                 tl.load(cand + w) * BLOCK + keys0, pos, N, D, DP, HAS_VALID, CAUSAL=False)
     else:
         q = (q.to(tl.float32) * scale2).to(Q.dtype.element_ty)
         _store_tile_lse(scratch + m, q, k_base, skn, valid_base, tl.load(cand) * BLOCK + keys0, pos, N, D, DP,
@@ -119,11 +111,11 @@ def _candidate_mass_kernel(Q, K, KS, VALID, CAND, SCRATCH, OUT, sqb, sqh, sqn, s
         tl.store(out_row + (w0 + slot)[None, :], mass, mask=(j < HG)[:, None] & (w0 + slot < W)[None, :])
 
 
-def candidate_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, k_scale_BGK: torch.Tensor | None,
+def candidate_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, k_scale_BGN: torch.Tensor | None,
                               kv_valid_BN: torch.Tensor | None, cand_BGQW: torch.Tensor, block_size: int, stride: int,
                               scale: float, *, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """:func:`~sa_compile.templates.screened_query.candidate_block_mass_reference` on CUDA, fused
-    (int8 keys and queries where ``k_scale_BGK``, one scale per key block, is given).
+    (int8 keys and queries where ``k_scale_BGN`` is given).
 
     ``cand_BGQW`` as :func:`~sa_compile.templates.screened_query.candidate_blocks` makes it: slot 0
     the row's diagonal, slots ``1 .. min(W, qb + 1) - 1`` distinct blocks below it, the rest
@@ -140,8 +132,8 @@ def candidate_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, k_scal
     programs = max(1, min(nb, _SCRATCH_BYTES // (B * G * W * HGP * RP * 4)))
     scratch = torch.empty(B * G * programs * W * HGP * RP, device=q_BHND.device, dtype=torch.float32)
     valid = kv_valid_BN.contiguous() if kv_valid_BN is not None else q_BHND  # unread without HAS_VALID
-    int8 = k_scale_BGK is not None
-    k_scale = k_scale_BGK.float().contiguous() if int8 else q_BHND  # unread without INT8
+    int8 = k_scale_BGN is not None
+    k_scale = k_scale_BGN.float().contiguous() if int8 else q_BHND  # unread without INT8
     ks_strides = (k_scale.stride(0), k_scale.stride(1)) if int8 else (0, 0)
     for first in range(0, nb, programs):
         _candidate_mass_kernel[(min(programs, nb - first), B * G)](

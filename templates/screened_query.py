@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ._blocks import (
-    block_means, block_offsets_QK, dequantize_int8, num_blocks, pad_to_blocks, quantize_int8, quantize_int8_tiles,
-)
+from ._blocks import block_means, block_offsets_QK, dequantize_int8, num_blocks, pad_to_blocks, quantize_int8
 from ._fallback import kernel_or_reference
 from .strided_query import launch_key, sample_positions
 
@@ -148,13 +146,12 @@ def _(q_BGXD, mean_BGKD, max_BGKD, min_BGKD, width):
     return q_BGXD.new_empty(B, G, nb, nb + width, dtype=torch.float32)
 
 
-def _chunk_mass(q_BHND, k_BGND, k_scale_BGK, kv_valid_BN, cand_BGQW, blocks: range, block_size: int, stride: int,
+def _chunk_mass(q_BHND, k_BGND, k_scale_BGN, kv_valid_BN, cand_BGQW, blocks: range, block_size: int, stride: int,
                 scale: float) -> torch.Tensor:
     """Candidate mass ``[B, H, C, W]`` of query blocks ``blocks``: their samples' softmax over the
-    candidates' keys, summed per candidate block over the block's samples. With ``k_scale_BGK``
-    the keys are int8 with one scale per key block (:func:`~._blocks.quantize_int8_tiles`) and
-    each sampled query is rounded to int8 with its own scale (:func:`~._blocks.quantize_int8`)
-    before its logits are taken."""
+    candidates' keys, summed per candidate block over the block's samples. With ``k_scale_BGN``
+    the keys are int8 (:func:`~._blocks.quantize_int8`) and each sampled query is rounded to
+    int8 the same way before its logits are taken."""
     B, H, N, D = q_BHND.shape
     G, W = k_BGND.shape[1], cand_BGQW.shape[-1]
     pos_CR = sample_positions(blocks.stop, block_size, stride, q_BHND.device)[blocks.start:]
@@ -166,13 +163,10 @@ def _chunk_mass(q_BHND, k_BGND, k_scale_BGK, kv_valid_BN, cand_BGQW, blocks: ran
     # Gathered first, then widened: only the chunk's candidate keys, not every key per chunk.
     index_BGX1 = keys_BGCWT.reshape(B, G, -1, 1)
     k_BGXD = k_BGND.gather(2, index_BGX1.expand(-1, -1, -1, D))
-    if k_scale_BGK is None:
-        k_BGXD = k_BGXD.float()
-    else:
-        k_BGXD = dequantize_int8(k_BGXD, k_scale_BGK.gather(2, index_BGX1[..., 0] // block_size))
+    k_BGXD = k_BGXD.float() if k_scale_BGN is None else dequantize_int8(k_BGXD, k_scale_BGN.gather(2, index_BGX1[..., 0]))
     k_BGCXD = k_BGXD.view(B, G, C, W * block_size, D)
     q_BHXD = q_BHND[:, :, pos_CR.clamp(max=N - 1).flatten()].float() * scale
-    if k_scale_BGK is not None:
+    if k_scale_BGN is not None:
         q_BHXD = dequantize_int8(*quantize_int8(q_BHXD))
     q_BGCYD = q_BHXD.view(B, G, H // G, C, R, D)
     q_BGCYD = q_BGCYD.permute(0, 1, 3, 2, 4, 5).reshape(B, G, C, (H // G) * R, D)
@@ -189,12 +183,12 @@ def _chunk_mass(q_BHND, k_BGND, k_scale_BGK, kv_valid_BN, cand_BGQW, blocks: ran
     return per_block.permute(0, 1, 3, 2, 4).reshape(B, H, C, W)
 
 
-def candidate_block_mass_reference(q_BHND, k_BGND, k_scale_BGK, kv_valid_BN, cand_BGQW, block_size: int,
+def candidate_block_mass_reference(q_BHND, k_BGND, k_scale_BGN, kv_valid_BN, cand_BGQW, block_size: int,
                                    stride: int, scale: float, chunk_bytes: int = _CHUNK_BYTES) -> torch.Tensor:
     """The sampled queries' causal attention mass over each row's candidate blocks,
-    ``[B, H, nb, W]`` float32, one chunk of query blocks at a time. ``k_scale_BGK`` None: the
-    logits of the inputs as they are; else ``k_BGND`` is int8 with these per-key-block scales
-    and the sampled queries are rounded to int8 per query (the int8 estimate)."""
+    ``[B, H, nb, W]`` float32, one chunk of query blocks at a time. ``k_scale_BGN`` None: the
+    logits of the inputs as they are; else ``k_BGND`` is int8 with these per-key scales and
+    the sampled queries are rounded to int8 per query (the int8 estimate)."""
     B, H, N, _ = q_BHND.shape
     nb, W = cand_BGQW.shape[-2:]
     mass_BHQW = q_BHND.new_zeros(B, H, nb, W, dtype=torch.float32)
@@ -206,18 +200,18 @@ def candidate_block_mass_reference(q_BHND, k_BGND, k_scale_BGK, kv_valid_BN, can
     step = max(1, chunk_bytes // per_block)
     for start in range(0, nb, step):
         blocks = range(start, min(start + step, nb))
-        mass_BHQW[:, :, blocks.start:blocks.stop, :live] = _chunk_mass(q_BHND, k_BGND, k_scale_BGK, kv_valid_BN,
+        mass_BHQW[:, :, blocks.start:blocks.stop, :live] = _chunk_mass(q_BHND, k_BGND, k_scale_BGN, kv_valid_BN,
                                                                       cand_BGQW, blocks, block_size, stride, scale)
     return mass_BHQW
 
 
 @torch.library.custom_op("sa_compile::candidate_block_mass", mutates_args=())
-def candidate_block_mass(q_BHND: torch.Tensor, k_BGND: torch.Tensor, k_scale_BGK: torch.Tensor | None,
+def candidate_block_mass(q_BHND: torch.Tensor, k_BGND: torch.Tensor, k_scale_BGN: torch.Tensor | None,
                          kv_valid_BN: torch.Tensor | None, cand_BGQW: torch.Tensor, block_size: int, stride: int,
                          scale: float) -> torch.Tensor:
     """Mass of the sampled queries over their row's candidates, ``[B, H_q, nb, W]`` float32;
-    with ``k_scale_BGK``, int8 keys and queries (:func:`candidate_block_mass_reference`)."""
-    args = (q_BHND, k_BGND, k_scale_BGK, kv_valid_BN, cand_BGQW, block_size, stride, scale)
+    with ``k_scale_BGN``, int8 keys and queries (:func:`candidate_block_mass_reference`)."""
+    args = (q_BHND, k_BGND, k_scale_BGN, kv_valid_BN, cand_BGQW, block_size, stride, scale)
     if not q_BHND.is_cuda:
         return candidate_block_mass_reference(*args)
     from ._screened_triton import candidate_block_mass_cuda
@@ -228,7 +222,7 @@ def candidate_block_mass(q_BHND: torch.Tensor, k_BGND: torch.Tensor, k_scale_BGK
 
 
 @candidate_block_mass.register_fake
-def _(q_BHND, k_BGND, k_scale_BGK, kv_valid_BN, cand_BGQW, block_size, stride, scale):
+def _(q_BHND, k_BGND, k_scale_BGN, kv_valid_BN, cand_BGQW, block_size, stride, scale):
     B, H = q_BHND.shape[:2]
     return q_BHND.new_empty(B, H, *cand_BGQW.shape[-2:], dtype=torch.float32)
 
@@ -242,10 +236,10 @@ def screened_query_lists(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size:
     stats = key_block_stats(k_BGND, block_size, kv_valid_BN)
     keys_BGQC = screen_ranking_keys(screen_queries(q_BHND, G, block_size, scale), *stats, width)
     cand_BGQW = top_candidates(keys_BGQC, width)
-    k_scale_BGK = None
+    k_scale_BGN = None
     if int8_estimate:
-        k_BGND, k_scale_BGK = quantize_int8_tiles(k_BGND, block_size)
-    mass_BHQW = candidate_block_mass(q_BHND, k_BGND, k_scale_BGK, kv_valid_BN, cand_BGQW, block_size, stride,
+        k_BGND, k_scale_BGN = quantize_int8(k_BGND)
+    mass_BHQW = candidate_block_mass(q_BHND, k_BGND, k_scale_BGN, kv_valid_BN, cand_BGQW, block_size, stride,
                                      float(scale))
     mass_BHQW = mass_BHQW.nan_to_num(0.0)
     scores_BHQW = mass_BHQW / mass_BHQW.sum(-1, keepdim=True).clamp(min=1e-30)

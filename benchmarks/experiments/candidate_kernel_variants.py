@@ -11,8 +11,9 @@ q/k, Llama-3.1-8B attention shape), timed with CUDA events, median of ``--repeat
 - ``f16x2 exp``: the exponentials two at a time (``ex2.approx.f16x2``, half the MUFU issues);
 - ``no exp``: the exponential left out (not a valid output: the time without MUFU).
 
-Each variant's mass is compared with the per-key int8 kernel's (max abs difference; the default
-before the tile scale) and its kept blocks with the bf16-logit kernel's. Not part of the package or the tests: a one-off,
+Each variant's mass is compared with the shipped per-key int8 kernel's (max abs difference) and
+its kept blocks with the bf16-logit kernel's. ``--launches`` times the shipped kernel's launch
+shapes instead. Not part of the package or the tests: a one-off,
 removed once its numbers are in docs/experiments.md.
 
     python benchmarks/experiments/candidate_kernel_variants.py --lengths 32k,128k,256k
@@ -35,13 +36,15 @@ import _common as common  # noqa: E402
 import attention  # noqa: E402
 
 from sa_compile import SparseConfig  # noqa: E402
-from sa_compile.templates._blocks import quantize_int8, quantize_int8_tiles  # noqa: E402
+from sa_compile.templates._blocks import INT8_LIMIT, quantize_int8  # noqa: E402
 from sa_compile.templates._screened_triton import candidate_block_mass_cuda  # noqa: E402
 from sa_compile.templates._strided_triton import _SCRATCH_BYTES, _row_lse, launch_shape  # noqa: E402
 from sa_compile.templates.screened_query import (  # noqa: E402
     key_block_stats, screen_queries, screen_ranking_keys, top_candidates,
 )
 
+# (num_warps, num_stages) of the shipped kernel beside its default (4, 3).
+LAUNCHES = [(4, 2), (4, 4), (4, 5), (8, 2), (8, 3)]
 MAGIC_I = tl.constexpr(0x4B400000)  # the bits of 1.5 * 2**23
 MAGIC_F = tl.constexpr(12582912.0)  # 1.5 * 2**23
 
@@ -171,6 +174,15 @@ def variant_mass(q, k8, k_scale, tile_scale, cand, block, stride, scale, *, magi
     return out
 
 
+def quantize_int8_tiles(k, block):
+    """Keys as int8 with one scale per ``block``-key tile (N a multiple of ``block``): ``(k8, scale_BGK)``
+    (the package's form of it at commit 746d8b4)."""
+    tiles = k.float().unflatten(2, (k.shape[2] // block, block))
+    scale = tiles.abs().amax((-1, -2)) / INT8_LIMIT
+    k8 = torch.floor(tiles / scale[..., None, None].clamp(min=1e-30) + 0.5).clamp(-INT8_LIMIT, INT8_LIMIT)
+    return k8.to(torch.int8).flatten(2, 3).contiguous(), scale.contiguous()
+
+
 def kept_agreement(mass_a, mass_b, cand, keep: int):
     """Share of the top-``keep`` candidates by ``mass_a`` that are also top-``keep`` by ``mass_b``."""
     top_a = mass_a.topk(keep, -1).indices
@@ -184,6 +196,8 @@ def main() -> None:
     parser.add_argument("--lengths", default="32k,128k,256k")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--launches", action="store_true",
+                        help="time the shipped kernel's launch shapes (LAUNCHES) instead of the variants")
     args = parser.parse_args()
     device = torch.device("cuda")
     shape = {"heads": 32, "kv_heads": 8, "head_dim": 128, "dtype": "bfloat16"}
@@ -198,16 +212,19 @@ def main() -> None:
         k8, k_scale = quantize_int8(k)
         kt8, tile_scale = quantize_int8_tiles(k, block)
         shipped = {
-            "shipped: int8, one scale per key tile": lambda: candidate_block_mass_cuda(q, kt8, tile_scale, None, cand,
-                                                                                      block, stride, scale),
+            "shipped: int8 per key": lambda: candidate_block_mass_cuda(q, k8, k_scale, None, cand, block, stride, scale),
             "shipped: bf16 logits": lambda: candidate_block_mass_cuda(q, k, None, None, cand, block, stride, scale),
         }
-        variants = {
-            "int8 per key (the default before)": (k8, dict(magic=False, tile_scale_on=False, exp=0)),
+        for warps, stages in LAUNCHES if args.launches else []:
+            shipped[f"shipped: int8 per key, {warps} warps, {stages} stages"] = (
+                lambda warps=warps, stages=stages: candidate_block_mass_cuda(
+                    q, k8, k_scale, None, cand, block, stride, scale, num_warps=warps, num_stages=stages))
+        variants = {} if args.launches else {
+            "int8 per key, copy of shipped": (k8, dict(magic=False, tile_scale_on=False, exp=0)),
             "int8 per key, magic conversion": (k8, dict(magic=True, tile_scale_on=False, exp=0)),
             "int8 per key, f16x2 exp": (k8, dict(magic=False, tile_scale_on=False, exp=1)),
             "int8 per key, no exp (timing only)": (k8, dict(magic=False, tile_scale_on=False, exp=2)),
-            "int8 per tile, copy of shipped": (kt8, dict(magic=False, tile_scale_on=True, exp=0)),
+            "int8 per tile": (kt8, dict(magic=False, tile_scale_on=True, exp=0)),
             "int8 per tile, magic conversion": (kt8, dict(magic=True, tile_scale_on=True, exp=0)),
         }
         fns = dict(shipped)
@@ -216,7 +233,7 @@ def main() -> None:
                                                                  scale, **kw))
         outs = {name: fn() for name, fn in fns.items()}
         torch.cuda.synchronize()
-        reference, bf16 = outs["int8 per key (the default before)"], outs["shipped: bf16 logits"]
+        reference, bf16 = outs["shipped: int8 per key"], outs["shipped: bf16 logits"]
         keep = max(1, int(width / config.candidates))  # a row's kept blocks past the taper
         for name, fn in fns.items():
             t = common.time_fn(fn, device, repeats=args.repeats, warmup=2)

@@ -16,23 +16,22 @@ from sa_compile.templates.screened_query import (
     ranking_keys, screen_queries, screen_ranking_keys, screen_ranking_keys_reference, screen_scores,
     screened_query_lists, top_candidates,
 )
-from sa_compile.templates._blocks import dequantize_int8, quantize_int8, quantize_int8_tiles
+from sa_compile.templates._blocks import dequantize_int8, quantize_int8
 from sa_compile.templates.strided_query import strided_block_mass_reference
 
 from ..helpers import assert_close, attention_inputs
 
 
-def naive_int8(row, peak=None):
-    """One row rounded to int8 steps of ``peak`` (its largest magnitude by default) / 127,
-    halves up, in float64."""
-    step = (row.abs().max() if peak is None else peak) / 127
+def naive_int8(row):
+    """One row rounded to int8 steps of its largest magnitude / 127, halves up, in float64."""
+    step = row.abs().max() / 127
     return row if step == 0 else torch.floor(row / step + 0.5).clamp(-127, 127) * step
 
 
 def naive_candidate_mass(q, k, kv_valid, cand, block_size, stride, scale, int8=False):
     """One sampled query at a time: its softmax over the valid causal keys of its row's
-    candidate blocks, summed per candidate slot. ``int8``: the scaled query rounded to int8
-    first, and every key to int8 steps of its key block's largest magnitude."""
+    candidate blocks, summed per candidate slot. ``int8``: the scaled query and every key
+    rounded to int8 first."""
     B, H, N, _ = q.shape
     G, (nb, W) = k.shape[1], cand.shape[-2:]
     mass = torch.zeros(B, H, nb, W, dtype=torch.float64)
@@ -49,12 +48,8 @@ def naive_candidate_mass(q, k, kv_valid, cand, block_size, stride, scale, int8=F
                 query = q[b, h, pos].double() * scale
                 if int8:
                     query = naive_int8(query)
-                k_ND = k[b, h // (H // G)].double()
-                rows = [k_ND[key] for _, key in keys]
-                if int8:
-                    peaks = [k_ND[key // block_size * block_size:][:block_size].abs().max() for _, key in keys]
-                    rows = [naive_int8(row, peak) for row, peak in zip(rows, peaks)]
-                logits = torch.stack([query @ row for row in rows])
+                rows = [k[b, h // (H // G), key].double() for _, key in keys]
+                logits = torch.stack([query @ (naive_int8(row) if int8 else row) for row in rows])
                 probs = torch.softmax(logits, 0)
                 for (w, _), p in zip(keys, probs):
                     mass[b, h, qb, w] += p
@@ -74,7 +69,7 @@ def test_candidate_mass_is_the_sampled_queries_exact_mass_over_candidates(seed, 
     keys = torch.rand(1, 2, nb, nb, generator=gen).masked_fill(torch.ones(nb, nb, dtype=torch.bool).triu(1), -1)
     top = keys.topk(min(width, nb), -1)
     cand = torch.where(top.values >= 0, top.indices, NO_BLOCK)
-    k_in, k_scale = quantize_int8_tiles(k, block) if int8 else (k, None)
+    k_in, k_scale = quantize_int8(k) if int8 else (k, None)
     got = candidate_block_mass_reference(q, k_in, k_scale, kv_valid, cand, block, stride, 0.4, chunk_bytes=chunk_bytes)
     expected = naive_candidate_mass(q, k, kv_valid, cand, block, stride, 0.4, int8)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
@@ -98,26 +93,6 @@ def test_int8_rows_round_to_the_nearest_step_of_their_largest_value(seed, rows, 
     peak = finite.abs().argmax(-1, keepdim=True)
     nonzero = finite.abs().amax(-1) > 0
     assert torch.all(x8.gather(-1, peak).abs()[nonzero] == 127)
-
-
-@given(seed=st.integers(0, 2**16), n=st.integers(1, 70), block=st.sampled_from([1, 16, 32]),
-       magnitude=st.sampled_from([1e-30, 1.0, 1e30]))
-def test_int8_tiles_share_one_scale_per_key_block(seed, n, block, magnitude):
-    """One scale per ``block`` keys (the last block short): each tile's largest magnitude maps
-    to 127 and every value lies within half a step of its own; a tile of zeros gets scale 0."""
-    x = torch.randn(2, 3, n, 8, generator=torch.Generator().manual_seed(seed)) * magnitude
-    x[0, 0, :block] = 0.0
-    x[1, 2, -1, 0] = float("nan")
-    x8, scale = quantize_int8_tiles(x, block)
-    nb = -(-n // block)
-    assert x8.shape == x.shape and x8.dtype == torch.int8 and scale.shape == (2, 3, nb)
-    assert scale[0, 0, 0] == 0
-    finite = x.nan_to_num(0.0, 0.0, 0.0)
-    step_BGN = scale.repeat_interleave(block, -1)[..., :n]
-    back = dequantize_int8(x8, step_BGN)
-    assert torch.all((back - finite).abs() <= step_BGN[..., None] * 0.5001)
-    tiles = torch.nn.functional.pad(x8.abs().int(), (0, 0, 0, nb * block - n)).unflatten(2, (nb, block))
-    assert torch.all(tiles.amax((-1, -2))[scale > 0] == 127)
 
 
 def test_int8_estimate_keeps_almost_the_same_blocks_as_the_exact_one():
@@ -293,7 +268,7 @@ def test_cuda_kernel_matches_the_reference(dtype, shape):
     kv_valid[:, : N // 7] = 0  # left padding
     for valid in (None, kv_valid):
         cand = candidate_blocks(screen_scores(q, k, block, D**-0.5, valid), width)
-        for k_in, k_scale in ((k, None), quantize_int8_tiles(k, block)):
+        for k_in, k_scale in ((k, None), quantize_int8(k)):
             got = candidate_block_mass(q, k_in, k_scale, valid, cand, block, stride, D**-0.5)
             expected = candidate_block_mass_reference(q, k_in, k_scale, valid, cand, block, stride, D**-0.5)
             torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
