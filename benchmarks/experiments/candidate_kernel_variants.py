@@ -9,7 +9,10 @@ q/k, Llama-3.1-8B attention shape), timed with CUDA events, median of ``--repeat
 - ``tile scale``: one key scale per 128-key tile instead of one per key, so the row max is an
   integer max of the raw dot and the logit is one FMA (5 instructions per logit instead of 7);
 - ``f16x2 exp``: the exponentials two at a time (``ex2.approx.f16x2``, half the MUFU issues);
-- ``no exp``: the exponential left out (not a valid output: the time without MUFU).
+- ``no exp``: the exponential left out (not a valid output: the time without MUFU);
+- ``two candidates per step`` (with ``--launches``): one ``[M, 256]`` dot over two candidates'
+  key tiles per loop step, each half's log-sum-exp stored, so a program has twice the work in
+  flight per step.
 
 Each variant's mass is compared with the shipped per-key int8 kernel's (max abs difference) and
 its kept blocks with the bf16-logit kernel's. ``--launches`` times the shipped kernel's launch
@@ -110,10 +113,28 @@ def _variant_tile_lse(ptr, q8, q_scale, k_base, skn, ks_base, tile_scale_ptr, ke
 
 
 @triton.jit
+def _pair_tile_lse(scratch, w, m, has2, q8, q_scale, k_base, skn, ks_base, blk0, blk1, M: tl.constexpr,
+                   BLOCK: tl.constexpr, D: tl.constexpr):
+    """Two candidates' key tiles in one ``[M, 2 * BLOCK]`` int8 dot (per-key scales); each
+    half's log-sum-exp to slots ``w`` and ``w + 1`` (the second only where ``has2``)."""
+    d = tl.arange(0, D)
+    j = tl.arange(0, 2 * BLOCK)
+    keys = tl.where(j >= BLOCK, blk1 * BLOCK + j - BLOCK, blk0 * BLOCK + j)
+    k = tl.load(k_base + keys[:, None] * skn + d[None, :])
+    k_scale = tl.load(ks_base + keys)
+    s = tl.dot(q8, tl.trans(k)).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
+    s3 = tl.reshape(s, (M, 2, BLOCK))
+    peak = tl.max(s3, 2)
+    lse = peak + tl.log2(tl.sum(tl.exp2(s3 - peak[:, :, None]), 2))
+    half = tl.arange(0, 2)
+    tl.store(scratch + (w + half)[None, :] * M + m[:, None], lse, mask=((half == 0) | has2)[None, :])
+
+
+@triton.jit
 def _variant_kernel(Q, K, KS, TS, CAND, SCRATCH, OUT, sqh, sqn, skh, skn, sksh, sth, scg, scq, soh, soq, N, G,
                     qb_first, scale2, HG: tl.constexpr, HGP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
                     W: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, KBT: tl.constexpr,
-                    MAGIC: tl.constexpr, TILE_SCALE: tl.constexpr, EXP: tl.constexpr):
+                    MAGIC: tl.constexpr, TILE_SCALE: tl.constexpr, EXP: tl.constexpr, PAIR: tl.constexpr):
     M: tl.constexpr = HGP * RP
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     qb = qb_first + tile
@@ -137,10 +158,16 @@ def _variant_kernel(Q, K, KS, TS, CAND, SCRATCH, OUT, sqh, sqn, skh, skn, sksh, 
     blk = tl.load(cand)
     _variant_tile_lse(scratch + m, q8, q_scale, k_base, skn, ks_base, ts_base + blk, blk * BLOCK + keys0, pos, N, D,
                       True, MAGIC, TILE_SCALE, EXP)
-    for w in range(1, live):
-        blk = tl.load(cand + w)
-        _variant_tile_lse(scratch + w * M + m, q8, q_scale, k_base, skn, ks_base, ts_base + blk, blk * BLOCK + keys0,
-                          pos, N, D, False, MAGIC, TILE_SCALE, EXP)
+    if PAIR:  # two candidates per step (int8 per key, exp2 only)
+        for w in range(1, live, 2):
+            has2 = w + 1 < live
+            _pair_tile_lse(scratch, w, m, has2, q8, q_scale, k_base, skn, ks_base, tl.load(cand + w),
+                           tl.load(cand + w + 1, mask=has2, other=0), M, BLOCK, D)
+    else:
+        for w in range(1, live):
+            blk = tl.load(cand + w)
+            _variant_tile_lse(scratch + w * M + m, q8, q_scale, k_base, skn, ks_base, ts_base + blk,
+                              blk * BLOCK + keys0, pos, N, D, False, MAGIC, TILE_SCALE, EXP)
     row_lse = _row_lse(scratch, m, live, M, KBT)
     counted = row_ok & (row_lse > float("-inf"))
     j = tl.arange(0, HGP)
@@ -154,7 +181,8 @@ def _variant_kernel(Q, K, KS, TS, CAND, SCRATCH, OUT, sqh, sqn, skh, skn, sksh, 
         tl.store(out_row + (w0 + slot)[None, :], mass, mask=(j < HG)[:, None] & (w0 + slot < W)[None, :])
 
 
-def variant_mass(q, k8, k_scale, tile_scale, cand, block, stride, scale, *, magic, tile_scale_on, exp):
+def variant_mass(q, k8, k_scale, tile_scale, cand, block, stride, scale, *, magic, tile_scale_on, exp, pair=False,
+                 num_warps=4, num_stages=3):
     """The variant kernel's ``[1, H, nb, W]`` mass (batch 1, no key padding, N a multiple of ``block``)."""
     _, H, N, D = q.shape
     G = k8.shape[1]
@@ -170,7 +198,8 @@ def variant_mass(q, k8, k_scale, tile_scale, cand, block, stride, scale, *, magi
             q, k8, k_scale, tile_scale, cand, scratch, out, q.stride(1), q.stride(2), k8.stride(1), k8.stride(2),
             k_scale.stride(1), tile_scale.stride(1), cand.stride(1), cand.stride(2), out.stride(1), out.stride(2),
             N, G, first, scale * math.log2(math.e), HG=HG, HGP=HGP, R=R, RP=RP, W=W, BLOCK=block, D=D,
-            STRIDE=stride, KBT=32, MAGIC=magic, TILE_SCALE=tile_scale_on, EXP=exp, num_warps=4, num_stages=3)
+            STRIDE=stride, KBT=32, MAGIC=magic, TILE_SCALE=tile_scale_on, EXP=exp, PAIR=pair, num_warps=num_warps,
+            num_stages=num_stages)
     return out
 
 
@@ -219,7 +248,12 @@ def main() -> None:
             shipped[f"shipped: int8 per key, {warps} warps, {stages} stages"] = (
                 lambda warps=warps, stages=stages: candidate_block_mass_cuda(
                     q, k8, k_scale, None, cand, block, stride, scale, num_warps=warps, num_stages=stages))
-        variants = {} if args.launches else {
+        variants = {
+            "int8 per key, two candidates per step, 4 warps": (k8, dict(magic=False, tile_scale_on=False, exp=0,
+                                                                      pair=True)),
+            "int8 per key, two candidates per step, 8 warps, 2 stages": (
+                k8, dict(magic=False, tile_scale_on=False, exp=0, pair=True, num_warps=8, num_stages=2)),
+        } if args.launches else {
             "int8 per key, copy of shipped": (k8, dict(magic=False, tile_scale_on=False, exp=0)),
             "int8 per key, magic conversion": (k8, dict(magic=True, tile_scale_on=False, exp=0)),
             "int8 per key, f16x2 exp": (k8, dict(magic=False, tile_scale_on=False, exp=1)),
