@@ -58,7 +58,7 @@
 #   variants the screened search's CUDA kernel tests; the candidate kernel's variants
 #            (benchmarks/experiments/candidate_kernel_variants.py, 32K-256K); where the search's time goes
 #            (PROFILE_LENGTHS, 32K-256K). VARIANTS_ARGS=--launches times launch shapes instead;
-#            PROFILE=0 skips the profile.
+#            PROFILE=0 skips the profile, VARIANTS=0 the variants.
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
 # CONFIGS the fidelity configs of `quality`; scale4 and int8 take LENGTHS, EAGER_UP_TO and PROFILE_LENGTHS,
 # and TESTS=0 skips their tests.
@@ -186,7 +186,7 @@ int8)
     ;;
 variants)
     [ "${TESTS:-1}" = 1 ] && stage tests 150 python3 -m pytest -q tests/search/test_screened_query.py -k "cuda and kernel"
-    stage variants 200 python3 $B/experiments/candidate_kernel_variants.py --lengths ${LENGTHS:-32k,128k,256k} \
+    [ "${VARIANTS:-1}" = 1 ] && stage variants 200 python3 $B/experiments/candidate_kernel_variants.py --lengths ${LENGTHS:-32k,128k,256k} \
         ${VARIANTS_ARGS:-} --out "$R/variants_$CARD.json"
     [ "${PROFILE:-1}" = 1 ] && stage profile 200 python3 $B/profile_search.py \
         --lengths ${PROFILE_LENGTHS:-32k,128k,256k} --top 20 --tag tiles_$CARD --out "$R/profile"
