@@ -55,15 +55,11 @@
 #            32K-512K, MLPs in 2 chunks (eager too), eager measured up to 256K and extrapolated beyond.
 #            512K needs the H200's memory (114 GiB at 3 candidates) and compiles a second graph: the
 #            plan outlasts one call (~17 minutes).
-#   variants the screened search's CUDA kernel tests; the candidate kernel's variants
-#            (benchmarks/experiments/candidate_kernel_variants.py, 32K-256K); where the search's time goes
-#            (PROFILE_LENGTHS, 32K-256K). VARIANTS_ARGS=--launches times launch shapes instead;
-#            PROFILE=0 skips the profile, VARIANTS=0 the variants.
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
 # CONFIGS the fidelity configs of `quality`; scale4 and int8 take LENGTHS, EAGER_UP_TO and PROFILE_LENGTHS,
 # and TESTS=0 skips their tests.
 set -u
-PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final|wider|adopt|scale4|int8|variants}
+PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final|wider|adopt|scale4|int8}
 R=/tmp/res
 mkdir -p "$R" /tmp/snap
 # A new progress file (a warm machine may hold the last plan's "done"), written before set-up:
@@ -183,13 +179,6 @@ int8)
     stage ttft 900 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths ${LENGTHS:-32k,64k,128k} \
         --systems ${SYSTEMS:-eager,sa_compile} --eager-up-to ${EAGER_UP_TO:-128k} --mlp-chunks 2 \
         --dynamic true --repeats 3 --warmup 0 --tag int8_$CARD --out "$R/ttft"
-    ;;
-variants)
-    [ "${TESTS:-1}" = 1 ] && stage tests 150 python3 -m pytest -q tests/search/test_screened_query.py -k "cuda and kernel"
-    [ "${VARIANTS:-1}" = 1 ] && stage variants 200 python3 $B/experiments/candidate_kernel_variants.py --lengths ${LENGTHS:-32k,128k,256k} \
-        ${VARIANTS_ARGS:-} --out "$R/variants_$CARD.json"
-    [ "${PROFILE:-1}" = 1 ] && stage profile 200 python3 $B/profile_search.py \
-        --lengths ${PROFILE_LENGTHS:-32k,128k,256k} --top 20 --tag tiles_$CARD --out "$R/profile"
     ;;
 *)
     echo "unknown plan $PLAN" >>"$R/progress"
