@@ -26,7 +26,9 @@ import triton
 import triton.language as tl
 
 from ._blocks import INT8_LIMIT
-from ._strided_triton import _SCRATCH_BYTES, _row_lse, _store_row_lse, _store_tile_lse, launch_shape
+from ._strided_triton import (
+    _SCRATCH_BYTES, _load_key_tile, _row_lse, _store_tile_lse, _store_visible_lse, launch_shape,
+)
 
 
 @triton.jit
@@ -34,22 +36,13 @@ def _store_int8_tile_lse(ptr, q8, q_scale, k_base, skn, ks_base, valid_base, key
                          DP: tl.constexpr, HAS_VALID: tl.constexpr, CAUSAL: tl.constexpr):
     """:func:`._strided_triton._store_tile_lse` for int8 rows ``q8`` (scales ``q_scale``, base 2
     included) against int8 keys with per-key scales at ``ks_base``."""
-    d = tl.arange(0, DP)
+    k = _load_key_tile(k_base, skn, keys, N, D, DP, CAUSAL)
     if CAUSAL:
-        k = tl.load(k_base + keys[:, None] * skn + d[None, :], mask=(keys[:, None] < N) & (d[None, :] < D), other=0)
         k_scale = tl.load(ks_base + keys, mask=keys < N, other=0.0)
     else:
-        k = tl.load(k_base + keys[:, None] * skn + d[None, :], mask=d[None, :] < D, other=0)
         k_scale = tl.load(ks_base + keys)
     s = tl.dot(q8, tl.trans(k)).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
-    if CAUSAL:
-        visible = (keys[None, :] <= pos[:, None]) & (keys[None, :] < N)
-        if HAS_VALID:
-            visible = visible & (tl.load(valid_base + keys, mask=keys < N, other=0) != 0)[None, :]
-        s = tl.where(visible, s, float("-inf"))
-    elif HAS_VALID:
-        s = tl.where((tl.load(valid_base + keys) != 0)[None, :], s, float("-inf"))
-    _store_row_lse(ptr, s)
+    _store_visible_lse(ptr, s, keys, pos, N, valid_base, HAS_VALID, CAUSAL)
 
 
 @triton.jit

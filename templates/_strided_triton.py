@@ -38,26 +38,40 @@ def _store_row_lse(ptr, s):
 
 
 @triton.jit
-def _store_tile_lse(ptr, q, k_base, skn, valid_base, keys, pos, N, D: tl.constexpr, DP: tl.constexpr,
-                    HAS_VALID: tl.constexpr, CAUSAL: tl.constexpr):
-    """The rows' logits against one key tile (``keys``; ``k_base`` and ``valid_base`` at the
-    batch and head), each row's log-sum-exp of them stored at ``ptr``. Only a diagonal tile
-    (``CAUSAL``) needs the causal mask and the prompt's end; a tile below it is visible to
-    every row."""
+def _load_key_tile(k_base, skn, keys, N, D: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr):
+    """The ``[len(keys), DP]`` key tile at ``keys`` (zeros past ``D``; with ``CAUSAL``, a diagonal
+    tile, also past the prompt's end ``N``)."""
     d = tl.arange(0, DP)
     if CAUSAL:
-        k = tl.load(k_base + keys[:, None] * skn + d[None, :], mask=(keys[:, None] < N) & (d[None, :] < D), other=0.0)
-        s = tl.dot(q, tl.trans(k))
+        return tl.load(k_base + keys[:, None] * skn + d[None, :], mask=(keys[:, None] < N) & (d[None, :] < D), other=0)
+    else:
+        return tl.load(k_base + keys[:, None] * skn + d[None, :], mask=d[None, :] < D, other=0)
+
+
+@triton.jit
+def _store_visible_lse(ptr, s, keys, pos, N, valid_base, HAS_VALID: tl.constexpr, CAUSAL: tl.constexpr):
+    """Each row's log-sum-exp of its logits ``s`` against the key tile ``keys``, stored at
+    ``ptr``, counting only the keys it sees: a diagonal tile (``CAUSAL``) masks keys after the
+    row's position ``pos`` and past the prompt's end; a tile below it is visible to every row.
+    ``HAS_VALID`` also drops the keys ``valid_base`` marks 0 (padding)."""
+    if CAUSAL:
         visible = (keys[None, :] <= pos[:, None]) & (keys[None, :] < N)
         if HAS_VALID:
             visible = visible & (tl.load(valid_base + keys, mask=keys < N, other=0) != 0)[None, :]
         s = tl.where(visible, s, float("-inf"))
-    else:
-        k = tl.load(k_base + keys[:, None] * skn + d[None, :], mask=d[None, :] < D, other=0.0)
-        s = tl.dot(q, tl.trans(k))
-        if HAS_VALID:
-            s = tl.where((tl.load(valid_base + keys) != 0)[None, :], s, float("-inf"))
+    elif HAS_VALID:
+        s = tl.where((tl.load(valid_base + keys) != 0)[None, :], s, float("-inf"))
     _store_row_lse(ptr, s)
+
+
+@triton.jit
+def _store_tile_lse(ptr, q, k_base, skn, valid_base, keys, pos, N, D: tl.constexpr, DP: tl.constexpr,
+                    HAS_VALID: tl.constexpr, CAUSAL: tl.constexpr):
+    """The rows' logits against one key tile (``keys``; ``k_base`` and ``valid_base`` at the
+    batch and head), each row's log-sum-exp of them stored at ``ptr``
+    (:func:`_store_visible_lse`)."""
+    k = _load_key_tile(k_base, skn, keys, N, D, DP, CAUSAL)
+    _store_visible_lse(ptr, tl.dot(q, tl.trans(k)), keys, pos, N, valid_base, HAS_VALID, CAUSAL)
 
 
 @triton.jit
