@@ -32,17 +32,21 @@ from ._strided_triton import (
 
 
 @triton.jit
-def _store_int8_tile_lse(ptr, q8, q_scale, k_base, skn, ks_base, valid_base, keys, pos, N, D: tl.constexpr,
-                         DP: tl.constexpr, HAS_VALID: tl.constexpr, CAUSAL: tl.constexpr):
-    """:func:`._strided_triton._store_tile_lse` for int8 rows ``q8`` (scales ``q_scale``, base 2
-    included) against int8 keys with per-key scales at ``ks_base``."""
-    k = _load_key_tile(k_base, skn, keys, N, D, DP, CAUSAL)
-    if CAUSAL:
-        k_scale = tl.load(ks_base + keys, mask=keys < N, other=0.0)
+def _store_candidate_lse(ptr, q, q_scale, k_base, skn, ks_base, valid_base, keys, pos, N, D: tl.constexpr,
+                         DP: tl.constexpr, HAS_VALID: tl.constexpr, INT8: tl.constexpr, CAUSAL: tl.constexpr):
+    """One candidate tile's :func:`._strided_triton._store_tile_lse`. With ``INT8``, ``q`` holds
+    int8 rows (scales ``q_scale``, base 2 included) and the keys are int8 with per-key scales at
+    ``ks_base``; otherwise ``q`` is in the inputs' dtype and ``q_scale``, ``ks_base`` are unread."""
+    if INT8:
+        k = _load_key_tile(k_base, skn, keys, N, D, DP, CAUSAL)
+        if CAUSAL:
+            k_scale = tl.load(ks_base + keys, mask=keys < N, other=0.0)
+        else:
+            k_scale = tl.load(ks_base + keys)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
+        _store_visible_lse(ptr, s, keys, pos, N, valid_base, HAS_VALID, CAUSAL)
     else:
-        k_scale = tl.load(ks_base + keys)
-    s = tl.dot(q8, tl.trans(k)).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
-    _store_visible_lse(ptr, s, keys, pos, N, valid_base, HAS_VALID, CAUSAL)
+        _store_tile_lse(ptr, q, k_base, skn, valid_base, keys, pos, N, D, DP, HAS_VALID, CAUSAL)
 
 
 @triton.jit
@@ -71,26 +75,22 @@ def _candidate_mass_kernel(Q, K, KS, VALID, CAND, SCRATCH, OUT, sqb, sqh, sqn, s
     scratch = SCRATCH + (pid_bg * tl.num_programs(0) + tile).to(tl.int64) * W * M
     live = tl.minimum(qb + 1, W)  # slots holding a block; the rest hold none
     k_base, valid_base = K + b * skb + g * skh, VALID + b * svb
-    if INT8:
+    if INT8:  # the sampled rows rounded to int8, each with its own scale (as quantize_int8)
         q = q.to(tl.float32) * scale2
         q = tl.where(tl.abs(q) < float("inf"), q, 0.0)  # NaN and inf count as 0, as in quantize_int8
         q_scale = tl.max(tl.abs(q), 1) / LIMIT
         steps = tl.where(q_scale[:, None] > 0, q / q_scale[:, None], 0.0)
-        q8 = tl.clamp(tl.floor(steps + 0.5), -LIMIT, LIMIT).to(tl.int8)
-        ks_base = KS + b * sksb + g * sksh
-        # Slot 0, the diagonal: the one candidate the causal mask and the prompt's end cut.
-        _store_int8_tile_lse(scratch + m, q8, q_scale, k_base, skn, ks_base, valid_base,
-                             tl.load(cand) * BLOCK + keys0, pos, N, D, DP, HAS_VALID, CAUSAL=True)
-        for w in range(1, live):  # below the diagonal: every key visible to every row
-            _store_int8_tile_lse(scratch + w * M + m, q8, q_scale, k_base, skn, ks_base, valid_base,
-                                 tl.load(cand + w) * BLOCK + keys0, pos, N, D, DP, HAS_VALID, CAUSAL=False)
+        q = tl.clamp(tl.floor(steps + 0.5), -LIMIT, LIMIT).to(tl.int8)
     else:
         q = (q.to(tl.float32) * scale2).to(Q.dtype.element_ty)
-        _store_tile_lse(scratch + m, q, k_base, skn, valid_base, tl.load(cand) * BLOCK + keys0, pos, N, D, DP,
-                        HAS_VALID, CAUSAL=True)
-        for w in range(1, live):
-            _store_tile_lse(scratch + w * M + m, q, k_base, skn, valid_base, tl.load(cand + w) * BLOCK + keys0,
-                            pos, N, D, DP, HAS_VALID, CAUSAL=False)
+        q_scale = scale2  # unread
+    ks_base = KS + b * sksb + g * sksh  # unread without INT8
+    # Slot 0, the diagonal: the one candidate the causal mask and the prompt's end cut.
+    _store_candidate_lse(scratch + m, q, q_scale, k_base, skn, ks_base, valid_base, tl.load(cand) * BLOCK + keys0,
+                         pos, N, D, DP, HAS_VALID, INT8, CAUSAL=True)
+    for w in range(1, live):  # below the diagonal: every key visible to every row
+        _store_candidate_lse(scratch + w * M + m, q, q_scale, k_base, skn, ks_base, valid_base,
+                             tl.load(cand + w) * BLOCK + keys0, pos, N, D, DP, HAS_VALID, INT8, CAUSAL=False)
     row_lse = _row_lse(scratch, m, live, M, KBT)
     counted = row_ok & (row_lse > float("-inf"))
     j = tl.arange(0, HGP)
@@ -131,7 +131,8 @@ def candidate_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, k_scal
     scratch = torch.empty(B * G * programs * W * HGP * RP, device=q_BHND.device, dtype=torch.float32)
     valid = kv_valid_BN.contiguous() if kv_valid_BN is not None else q_BHND  # unread without HAS_VALID
     int8 = k_scale_BGN is not None
-    num_stages = num_stages or (5 if int8 else 3)
+    if num_stages is None:
+        num_stages = 5 if int8 else 3
     k_scale = k_scale_BGN.float().contiguous() if int8 else q_BHND  # unread without INT8
     ks_strides = (k_scale.stride(0), k_scale.stride(1)) if int8 else (0, 0)
     for first in range(0, nb, programs):
