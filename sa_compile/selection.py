@@ -105,25 +105,60 @@ def select_block_lists(scores_BHQK: torch.Tensor, density,
     return order_BHQK, row_counts(k_BH1, nb, scores_BHQK.device)
 
 
+def order_candidates_reference(scores_BHQW: torch.Tensor, blocks_BHQW: torch.Tensor) -> torch.Tensor:
+    """Each row's candidate blocks in the order they are kept, ``[B, H, nb, W]`` int64: slot 0
+    (the diagonal) and slot 1 (the sink) first, then the other candidates by score, highest
+    first, ties in slot order (a stable sort on :func:`_finite_keys`); slots with no block
+    (a negative index) last, as block 0."""
+    slot_W = torch.arange(blocks_BHQW.shape[-1], device=blocks_BHQW.device)
+    keys = _finite_keys(scores_BHQW)
+    keys = torch.where(slot_W < 2, float("inf"), keys)  # diagonal then sink, by construction
+    keys = torch.where(blocks_BHQW < 0, float("-inf"), keys)
+    _, order_BHQW = torch.sort(keys, dim=-1, descending=True, stable=True)
+    return blocks_BHQW.gather(-1, order_BHQW).clamp(min=0)
+
+
+# Rows up to this wide rank in the CUDA kernel (its compare tile is next_pow2(W) x 32).
+_ORDER_KERNEL_WIDTH = 1024
+
+
+@torch.library.custom_op("sa_compile::order_candidates", mutates_args=())
+def order_candidates(scores_BHQW: torch.Tensor, blocks_BHQW: torch.Tensor) -> torch.Tensor:
+    """:func:`order_candidates_reference`; on CUDA one Triton kernel ranks each row by counting
+    (no sort, no gather of the order), where the rows are at most 1024 wide."""
+
+    def reference():
+        return order_candidates_reference(scores_BHQW, blocks_BHQW.long())
+
+    if not scores_BHQW.is_cuda:
+        return reference()
+    from sa_compile.templates._fallback import kernel_or_reference
+    from sa_compile.templates._screened_triton import order_candidates_cuda
+
+    W = scores_BHQW.shape[-1]
+    kernel = (f"rows wider than {_ORDER_KERNEL_WIDTH}" if W > _ORDER_KERNEL_WIDTH else
+              lambda: order_candidates_cuda(scores_BHQW, blocks_BHQW, _KEY_LIMIT))
+    return kernel_or_reference("order_candidates", (f"{W} candidates",), kernel, reference)
+
+
+@order_candidates.register_fake
+def _(scores_BHQW, blocks_BHQW):
+    return blocks_BHQW.new_empty(blocks_BHQW.shape, dtype=torch.int64)
+
+
 def select_candidate_lists(scores_BHQW: torch.Tensor, blocks_BHQW: torch.Tensor, num_blocks_,
                            density) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`select_block_lists` over each row's candidates (a screened search): the kept
     blocks are ``order_BHQW[..., :count_BHQ]``, the diagonal (slot 0 of the candidates) and
-    the sink (slot 1) first, then the other candidates by score.
+    the sink (slot 1) first, then the other candidates by score (:func:`order_candidates`).
 
     ``blocks_BHQW`` holds block indices, or a negative index for a slot with no block.
     Row ``qb`` keeps ``min(K, qb + 1)`` blocks, as the unscreened search does, and never
     more than its candidates. Returns int64 block indices (``W`` wide, not ``nb``) and counts.
     """
-    W = blocks_BHQW.shape[-1]
-    slot_W = torch.arange(W, device=blocks_BHQW.device)
-    keys = _finite_keys(scores_BHQW)
-    keys = torch.where(slot_W < 2, float("inf"), keys)  # diagonal then sink, by construction
-    keys = torch.where(blocks_BHQW < 0, float("-inf"), keys)
-    _, order_BHQW = torch.sort(keys, dim=-1, descending=True, stable=True)
     k = blocks_per_row(num_blocks_, density, blocks_BHQW.device)
     count_BHQ = torch.minimum(row_counts(k, num_blocks_, blocks_BHQW.device), (blocks_BHQW >= 0).sum(-1))
-    return blocks_BHQW.gather(-1, order_BHQW).clamp(min=0), count_BHQ
+    return order_candidates(scores_BHQW, blocks_BHQW), count_BHQ
 
 
 def select_head_block_lists(scores_BHQK: torch.Tensor, density_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,7 +106,8 @@ def _candidate_mass_kernel(Q, K, KS, VALID, CAND, SCRATCH, OUT, sqb, sqh, sqn, s
 
 def candidate_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, k_scale_BGN: torch.Tensor | None,
                               kv_valid_BN: torch.Tensor | None, cand_BGQW: torch.Tensor, block_size: int, stride: int,
-                              scale: float, *, num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                              scale: float, *, num_warps: int = 4, num_stages: int | None = None,
+                              maxnreg: int | None = None) -> torch.Tensor:
     """:func:`~sa_compile.templates.screened_query.candidate_block_mass_reference` on CUDA, fused
     (int8 keys and queries where ``k_scale_BGN`` is given).
 
@@ -117,7 +118,8 @@ def candidate_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, k_scal
     ``num_stages`` defaults to 5 with int8 keys (16 KB tiles): on an H100 that was 6-8% faster
     than 3 at 32K-256K, with the same output; 2 or 4 stages were no better and 8 warps slower
     (docs/experiments.md). bf16 keys keep 3 (their 32 KB tiles, five deep, would not fit
-    every card's shared memory)."""
+    every card's shared memory). ``maxnreg`` caps the registers per thread (Triton's option;
+    ``None``: the compiler's choice)."""
     B, H, N, D = q_BHND.shape
     G = k_BGND.shape[1]
     nb, W = cand_BGQW.shape[-2:]
@@ -135,6 +137,7 @@ def candidate_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, k_scal
         num_stages = 5 if int8 else 3
     k_scale = k_scale_BGN.float().contiguous() if int8 else q_BHND  # unread without INT8
     ks_strides = (k_scale.stride(0), k_scale.stride(1)) if int8 else (0, 0)
+    options = {} if maxnreg is None else {"maxnreg": maxnreg}
     for first in range(0, nb, programs):
         _candidate_mass_kernel[(min(programs, nb - first), B * G)](
             q_BHND, k_BGND, k_scale, valid, cand_BGQW, scratch, out_BHQW, q_BHND.stride(0), q_BHND.stride(1),
@@ -143,6 +146,50 @@ def candidate_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, k_scal
             out_BHQW.stride(0), out_BHQW.stride(1), out_BHQW.stride(2), N, G, first, scale * math.log2(math.e),
             HG=HG, HGP=HGP, R=R, RP=RP, W=W, BLOCK=block_size, D=D, DP=triton.next_power_of_2(D),
             STRIDE=stride, KBT=32, HAS_VALID=kv_valid_BN is not None, INT8=int8, LIMIT=INT8_LIMIT,
-            num_warps=num_warps, num_stages=num_stages,
+            num_warps=num_warps, num_stages=num_stages, **options,
         )
+    return out_BHQW
+
+
+@triton.jit
+def _candidate_keys(scores_row, blocks_row, slot, W, LIMIT: tl.constexpr):
+    """The ranking keys of :func:`~sa_compile.selection.order_candidates_reference` at ``slot``
+    (and the slots' blocks): slots 0 and 1 ``inf``, slots with no block (and past ``W``)
+    ``-inf``, the rest their score with NaN as ``-LIMIT`` and clamped to ``+-LIMIT``."""
+    live = slot < W
+    score = tl.load(scores_row + slot, mask=live, other=0.0)
+    block = tl.load(blocks_row + slot, mask=live, other=-1)
+    key = tl.where(score == score, tl.clamp(score, -LIMIT, LIMIT), -LIMIT)
+    key = tl.where(slot < 2, float("inf"), key)
+    return tl.where(block < 0, float("-inf"), key), block
+
+
+@triton.jit
+def _order_candidates_kernel(SCORES, BLOCKS, OUT, W, LIMIT: tl.constexpr, WP: tl.constexpr, JC: tl.constexpr):
+    """One row: each slot's rank in a stable descending sort of its key (the keys ahead of it,
+    and the equal keys of earlier slots), then its block stored at that rank."""
+    row = tl.program_id(0).to(tl.int64) * W
+    i = tl.arange(0, WP)
+    key_i, block_i = _candidate_keys(SCORES + row, BLOCKS + row, i, W, LIMIT)
+    rank = tl.zeros([WP], dtype=tl.int32)
+    for j0 in range(0, W, JC):
+        j = j0 + tl.arange(0, JC)
+        key_j, _ = _candidate_keys(SCORES + row, BLOCKS + row, j, W, LIMIT)
+        ahead = (key_j[None, :] > key_i[:, None]) | ((key_j[None, :] == key_i[:, None]) & (j[None, :] < i[:, None]))
+        rank += tl.sum(ahead.to(tl.int32), 1)
+    tl.store(OUT + row + rank, tl.maximum(block_i, 0), mask=i < W)
+
+
+def order_candidates_cuda(scores_BHQW: torch.Tensor, blocks_BHQW: torch.Tensor, key_limit: float, *,
+                          num_warps: int = 4) -> torch.Tensor:
+    """:func:`~sa_compile.selection.order_candidates_reference` on CUDA: one program per row
+    counts each slot's rank (``W^2`` comparisons, ~27K at 164 candidates) and scatters its
+    block there, with no sort and no gather of the order."""
+    W = scores_BHQW.shape[-1]
+    scores_BHQW, blocks_BHQW = scores_BHQW.float().contiguous(), blocks_BHQW.long().contiguous()
+    out_BHQW = torch.empty(blocks_BHQW.shape, device=blocks_BHQW.device, dtype=torch.int64)
+    rows = out_BHQW.numel() // max(W, 1)
+    if rows:
+        _order_candidates_kernel[(rows,)](scores_BHQW, blocks_BHQW, out_BHQW, W, LIMIT=key_limit,
+                                          WP=triton.next_power_of_2(W), JC=32, num_warps=num_warps)
     return out_BHQW

@@ -55,11 +55,15 @@
 #            32K-512K, MLPs in 2 chunks (eager too), eager measured up to 256K and extrapolated beyond.
 #            512K needs the H200's memory (114 GiB at 3 candidates) and compiles a second graph: the
 #            plan outlasts one call (~17 minutes).
+#   order    the screened search's CUDA tests; the candidate kernel with 128 registers per thread and the
+#            rank-counting order kernel beside the sort (benchmarks/experiments/search_launches.py,
+#            32K-256K); where the search's time goes (PROFILE_LENGTHS, 32K-256K); the sparse op's and
+#            the kernel options' CUDA tests.
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
 # CONFIGS the fidelity configs of `quality`; scale4 and int8 take LENGTHS, EAGER_UP_TO and PROFILE_LENGTHS,
 # and TESTS=0 skips their tests.
 set -u
-PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final|wider|adopt|scale4|int8}
+PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final|wider|adopt|scale4|int8|order}
 R=/tmp/res
 mkdir -p "$R" /tmp/snap
 # A new progress file (a warm machine may hold the last plan's "done"), written before set-up:
@@ -179,6 +183,13 @@ int8)
     stage ttft 900 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths ${LENGTHS:-32k,64k,128k} \
         --systems ${SYSTEMS:-eager,sa_compile} --eager-up-to ${EAGER_UP_TO:-128k} --mlp-chunks 2 \
         --dynamic true --repeats 3 --warmup 0 --tag int8_$CARD --out "$R/ttft"
+    ;;
+order)
+    stage tests 150 python3 -m pytest -q tests/search/test_screened_query.py -k cuda
+    stage launches 200 python3 $B/experiments/search_launches.py --lengths 32k,128k,256k --out "$R/launches_$CARD.json"
+    stage profile 240 python3 $B/profile_search.py --lengths ${PROFILE_LENGTHS:-32k,128k,256k} --top 20 \
+        --tag order_$CARD --out "$R/profile"
+    stage optests 240 python3 -m pytest -q tests/op/test_sparse_op.py tests/op/test_flex_options.py -k cuda
     ;;
 *)
     echo "unknown plan $PLAN" >>"$R/progress"

@@ -275,6 +275,32 @@ def test_cuda_kernel_matches_the_reference(dtype, shape):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernel runs on CUDA")
+@pytest.mark.parametrize("width", [1, 2, 41, 164, 300])
+def test_cuda_candidate_order_matches_the_stable_sort(width):
+    """The rank-counting kernel against the stable sort it replaces, exactly: ties (scores in
+    quarters), NaN, +-inf and scores past the key limit, rows with empty slots."""
+    from sa_compile.selection import _KEY_LIMIT, order_candidates, order_candidates_reference
+    from sa_compile.templates._screened_triton import order_candidates_cuda
+
+    gen = torch.Generator().manual_seed(width)
+    shape = (2, 3, 50, width)
+    for ties in (False, True):
+        scores = torch.rand(shape, generator=gen)
+        scores = (scores * 4).floor() / 4 if ties else scores
+        u = torch.rand(shape, generator=gen)
+        scores[u < 0.05] = float("nan")
+        scores[(u >= 0.05) & (u < 0.08)] = float("inf")
+        scores[(u >= 0.08) & (u < 0.1)] = float("-inf")
+        scores[(u >= 0.1) & (u < 0.12)] = 1e35
+        live = torch.randint(0, width + 1, (*shape[:-1], 1), generator=gen)
+        blocks = torch.where(torch.arange(width) < live, torch.randint(0, 60, shape, generator=gen), -1)
+        expected = order_candidates_reference(scores, blocks)
+        got = order_candidates_cuda(scores.cuda(), blocks.cuda(), _KEY_LIMIT)
+        assert torch.equal(got.cpu(), expected)
+        assert torch.equal(order_candidates(scores.cuda(), blocks.cuda()).cpu(), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernel runs on CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 32, 8, 20000, 128, 128, 123), (2, 9, 3, 3000, 64, 64, 10),
                                    (1, 4, 4, 700, 64, 16, 3), (1, 6, 1, 5000, 96, 128, 40),
