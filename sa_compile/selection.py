@@ -118,14 +118,15 @@ def order_candidates_reference(scores_BHQW: torch.Tensor, blocks_BHQW: torch.Ten
     return blocks_BHQW.gather(-1, order_BHQW).clamp(min=0)
 
 
-# Rows up to this wide rank in the CUDA kernel (its compare tile is next_pow2(W) x 32).
+# Rows up to this wide are ordered by the CUDA kernel (one program sorts a row in registers).
 _ORDER_KERNEL_WIDTH = 1024
 
 
 @torch.library.custom_op("sa_compile::order_candidates", mutates_args=())
 def order_candidates(scores_BHQW: torch.Tensor, blocks_BHQW: torch.Tensor) -> torch.Tensor:
-    """:func:`order_candidates_reference`; on CUDA one Triton kernel ranks each row by counting
-    (no sort, no gather of the order), where the rows are at most 1024 wide."""
+    """:func:`order_candidates_reference`; on CUDA, for rows at most 1024 wide, one Triton
+    kernel that sorts each row in registers and stores its blocks in order (no separate sort
+    and no gather of the order)."""
 
     def reference():
         return order_candidates_reference(scores_BHQW, blocks_BHQW.long())

@@ -56,7 +56,7 @@
 #            512K needs the H200's memory (114 GiB at 3 candidates) and compiles a second graph: the
 #            plan outlasts one call (~17 minutes).
 #   order    the screened search's CUDA tests; the candidate kernel with 128 registers per thread and the
-#            rank-counting order kernel beside the sort (benchmarks/experiments/search_launches.py,
+#            in-register sort of the candidates beside the stable sort (benchmarks/experiments/search_launches.py,
 #            32K-256K); where the search's time goes (PROFILE_LENGTHS, 32K-256K); the sparse op's and
 #            the kernel options' CUDA tests.
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),

@@ -52,7 +52,7 @@ def specializations():
                {"Q": "*bf16", "K": "*bf16", "VALID": "*i64", "SCRATCH": "*fp32", "OUT": "*fp32"},
                dict(SHAPE, QBT=1, HAS_VALID=valid), 4, 3)
     yield ("order_candidates", _screened_triton._order_candidates_kernel,
-           {"SCORES": "*fp32", "BLOCKS": "*i64", "OUT": "*i64"}, dict(LIMIT=2.0**100, WP=256, JC=32), 4, 3)
+           {"SCORES": "*fp32", "BLOCKS": "*i64", "OUT": "*i64"}, dict(LIMIT=2.0**100, WP=256), 1, 3)
 
 
 def compile_sass(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:

@@ -4,9 +4,10 @@
   compiler's 167 an H100 multiprocessor holds three of its programs, at 128 four (its 49.7 KB
   of shared memory fits four), with no spills (``tools/kernel_sass.py``). Beside the default
   (5 stages) and with 4 stages; each output against the default's, which it should equal bit for bit.
-- The candidates' order: the rank-counting kernel (``order_candidates_cuda``, 4 and 8 warps)
-  against the stable sort and gather it replaces (``order_candidates_reference``, eager), which
-  it must equal exactly.
+- The candidates' order: the in-register sort (``order_candidates_cuda``, a bitonic sort per
+  row; 1 warp, the default, and 4) against the stable sort and gather it replaces
+  (``order_candidates_reference``, eager), which it must equal exactly. Search + BlockMask as
+  compiled is ``profile_search.py``'s to time.
 
 Inputs: ``attention.make_inputs`` q/k at the Llama-3.1-8B attention shape, the screen's
 candidates at the default config; CUDA events, median of ``--repeats`` after 2 warm-ups. Not part
@@ -69,15 +70,15 @@ def main() -> None:
         }
         order = order_candidates_reference(scores, blocks)
         fns["order: stable sort + gather (eager)"] = (lambda: order_candidates_reference(scores, blocks), order)
-        for warps in (4, 8):
-            fns[f"order: rank-counting kernel, {warps} warps"] = (
+        for warps in (1, 4):
+            fns[f"order: in-register sort, {warps} warps"] = (
                 lambda warps=warps: order_candidates_cuda(scores, blocks, _KEY_LIMIT, num_warps=warps), order)
         for name, (fn, expected) in fns.items():
             out = fn()
             same = bool(torch.equal(out, expected))
             diff = (out.double() - expected.double()).abs().max().item()
             t = common.time_fn(fn, device, repeats=args.repeats, warmup=2)
-            row = {"seq_len": n, "launch": name, "ms": t.median_s * 1e3, "identical_to_default": same,
+            row = {"seq_len": n, "launch": name, "ms": t.median_s * 1e3, "identical": same,
                    "max_abs_diff": diff}
             rows.append(row)
             print(f"N={common.length_label(n)} {name:45s} {row['ms']:8.3f} ms  identical {same}  diff {diff:.2e}",

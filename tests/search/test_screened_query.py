@@ -277,8 +277,9 @@ def test_cuda_kernel_matches_the_reference(dtype, shape):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernel runs on CUDA")
 @pytest.mark.parametrize("width", [1, 2, 41, 164, 300])
 def test_cuda_candidate_order_matches_the_stable_sort(width):
-    """The rank-counting kernel against the stable sort it replaces, exactly: ties (scores in
-    quarters), NaN, +-inf and scores past the key limit, rows with empty slots."""
+    """The in-register sort against the stable sort it replaces, exactly: ties (scores in
+    quarters, 0.0 beside -0.0), negative scores, NaN, +-inf and scores past the key limit,
+    rows with empty slots."""
     from sa_compile.selection import _KEY_LIMIT, order_candidates, order_candidates_reference
     from sa_compile.templates._screened_triton import order_candidates_cuda
 
@@ -292,6 +293,8 @@ def test_cuda_candidate_order_matches_the_stable_sort(width):
         scores[(u >= 0.05) & (u < 0.08)] = float("inf")
         scores[(u >= 0.08) & (u < 0.1)] = float("-inf")
         scores[(u >= 0.1) & (u < 0.12)] = 1e35
+        scores[(u >= 0.12) & (u < 0.15)] *= -1
+        scores[(u >= 0.15) & (u < 0.2)] = -0.0 if ties else 0.0
         live = torch.randint(0, width + 1, (*shape[:-1], 1), generator=gen)
         blocks = torch.where(torch.arange(width) < live, torch.randint(0, 60, shape, generator=gen), -1)
         expected = order_candidates_reference(scores, blocks)
