@@ -1,4 +1,4 @@
-"""One-off: two launches of the screened search timed on its own candidate lists (CUDA).
+"""One-off: the screened search's next launches, timed on its own candidate lists (CUDA).
 
 - The candidate kernel with its registers capped at 128 per thread (``maxnreg``): at the
   compiler's 167 an H100 multiprocessor holds three of its programs, at 128 four (its 49.7 KB
@@ -16,11 +16,16 @@
   (``order_candidates_reference``, eager), which it must equal exactly. Search + BlockMask as
   compiled is ``profile_search.py``'s to time.
 
-Inputs: ``attention.make_inputs`` q/k at the Llama-3.1-8B attention shape, the screen's
+Each candidate-kernel launch runs twice: without a key mask and with an all-ones one (the
+padding path a compiled model takes in ``generate()``), each against the default launch on the
+same path. Inputs: ``attention.make_inputs`` q/k at the Llama-3.1-8B attention shape, the screen's
 candidates at the default config; CUDA events, median of ``--repeats`` after 2 warm-ups. Not part
 of the package or the tests: a one-off, removed once its numbers are in the docs.
 
     python benchmarks/experiments/search_launches.py --lengths 32k,128k,256k --out launches.json
+
+``--dry-run`` runs every launch once on a small float32 shape on the CPU, through Triton's
+interpreter (``TRITON_INTERPRET=1``), to check the script before it spends device time.
 """
 
 from __future__ import annotations
@@ -106,9 +111,13 @@ def main() -> None:
     parser.add_argument("--lengths", default="32k,128k,256k")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU, Triton's interpreter (set TRITON_INTERPRET=1), 8/2 heads of dim 64 in float32, one run")
     args = parser.parse_args()
-    device = torch.device("cuda")
+    device = torch.device("cpu" if args.dry_run else "cuda")
     shape = {"heads": 32, "kv_heads": 8, "head_dim": 128, "dtype": "bfloat16"}
+    if args.dry_run:
+        shape, args.repeats = {"heads": 8, "kv_heads": 2, "head_dim": 64, "dtype": "float32"}, 1
     config = SparseConfig()
     block, stride, width = config.block_size, config.query_stride, config.candidate_width()
     rows = []
@@ -120,24 +129,30 @@ def main() -> None:
                                                   width), width)
         k8, k_scale = quantize_int8(k)
 
-        def mass(**launch):
-            return candidate_block_mass_cuda(q, k8, k_scale, None, cand, block, stride, scale, **launch)
-
+        # An all-ones key mask, as a compiled model gets from generate(): the kernel's padding path.
+        ones = torch.ones(q.shape[0], n, dtype=torch.long, device=device)
         folded = _folded_kernel()
+        fns = {}
+        for valid, label in ((None, ""), (ones, ", key padding path")):
+            def mass(kernel=None, valid=valid, **launch):
+                args = (q, k8, k_scale, valid, cand, block, stride, scale)
+                return (folded_mass(kernel, *args, **launch) if kernel is not None else
+                        candidate_block_mass_cuda(*args, **launch))
 
-        default_mass = mass()
+            shipped = mass()
+            if valid is None:
+                default_mass = shipped
+            fns.update({
+                f"candidate kernel: default (5 stages){label}": (mass, shipped),
+                f"candidate kernel: maxnreg 128, 5 stages{label}": (lambda mass=mass: mass(maxnreg=128), shipped),
+                f"candidate kernel: maxnreg 128, 4 stages{label}": (
+                    lambda mass=mass: mass(maxnreg=128, num_stages=4), shipped),
+                f"candidate kernel: row scale folded{label}": (lambda mass=mass: mass(folded), shipped),
+                f"candidate kernel: row scale folded, maxnreg 128{label}": (
+                    lambda mass=mass: mass(folded, maxnreg=128), shipped),
+            })
         scores = default_mass / default_mass.sum(-1, keepdim=True).clamp(min=1e-30)
         blocks = cand.repeat_interleave(H // G, 1)
-        fns = {
-            "candidate kernel: default (5 stages)": (mass, default_mass),
-            "candidate kernel: maxnreg 128, 5 stages": (lambda: mass(maxnreg=128), default_mass),
-            "candidate kernel: maxnreg 128, 4 stages": (lambda: mass(maxnreg=128, num_stages=4), default_mass),
-            "candidate kernel: row scale folded": (
-                lambda: folded_mass(folded, q, k8, k_scale, None, cand, block, stride, scale), default_mass),
-            "candidate kernel: row scale folded, maxnreg 128": (
-                lambda: folded_mass(folded, q, k8, k_scale, None, cand, block, stride, scale, maxnreg=128),
-                default_mass),
-        }
         order = order_candidates_reference(scores, blocks)
         fns["order: stable sort + gather (eager)"] = (lambda: order_candidates_reference(scores, blocks), order)
         for warps in (1, 4):
@@ -147,16 +162,17 @@ def main() -> None:
             out = fn()
             same = bool(torch.equal(out, expected))
             diff = (out.double() - expected.double()).abs().max().item()
-            t = common.time_fn(fn, device, repeats=args.repeats, warmup=2)
+            t = common.time_fn(fn, device, repeats=args.repeats, warmup=0 if args.dry_run else 2)
             row = {"seq_len": n, "launch": name, "ms": t.median_s * 1e3, "identical": same,
                    "max_abs_diff": diff}
             if out.is_floating_point():
                 row["kept_agreement"] = kept_agreement(out, expected)
             rows.append(row)
-            print(f"N={common.length_label(n)} {name:50s} {row['ms']:8.3f} ms  identical {same}  diff {diff:.2e}"
+            print(f"N={common.length_label(n)} {name:62s} {row['ms']:8.3f} ms  identical {same}  diff {diff:.2e}"
                   f"  kept {row.get('kept_agreement', float('nan')):.4f}", flush=True)
-        del q, k, k8, default_mass, scores, blocks, order
-        torch.cuda.empty_cache()
+        del q, k, k8, default_mass, scores, blocks, order, fns
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"environment": common.environment(device), "rows": rows}, f, indent=1)

@@ -275,6 +275,22 @@ def test_cuda_kernel_matches_the_reference(dtype, shape):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernel runs on CUDA")
+@pytest.mark.parametrize("padded", [False, True])
+def test_cuda_kernel_keeps_its_output_under_a_register_cap(padded):
+    """``maxnreg`` (a launch choice being timed) changes where values live, not the arithmetic."""
+    from sa_compile.templates._screened_triton import candidate_block_mass_cuda
+
+    B, H, G, N, D, block, stride, width = 1, 32, 8, 4000, 128, 128, 8, 40
+    q, k, _ = attention_inputs(6, B, H, G, N, D, torch.bfloat16, device="cuda")
+    valid = torch.ones(B, N, dtype=torch.long, device="cuda") if padded else None
+    cand = candidate_blocks(screen_scores(q, k, block, D**-0.5, valid), width)
+    k8, k_scale = quantize_int8(k)
+    args = (q, k8, k_scale, valid, cand, block, stride, D**-0.5)
+    torch.testing.assert_close(candidate_block_mass_cuda(*args, maxnreg=128), candidate_block_mass_cuda(*args),
+                               atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernel runs on CUDA")
 @pytest.mark.parametrize("width", [1, 2, 41, 164, 300])
 def test_cuda_candidate_order_matches_the_stable_sort(width):
     """The in-register sort against the stable sort it replaces, exactly: ties (scores in
