@@ -15,6 +15,10 @@ and the program rounds its sampled queries to int8 the same way, one scale per r
 candidate tile is then 16 KB instead of 32 (at 256K the bf16 kernel moves ~86 GB of tiles per
 layer through L2), its dot an exact int32 one, and the logits that dot times the two scales.
 On an H100 that made the kernel only 6% faster at 256K: the reads were not what bound it.
+
+The candidates' order for the selection (:func:`~sa_compile.selection.order_candidates`) is a
+second kernel here: one program per row sorts the row's keys in registers (a bitonic sort of
+int64s that carry each key and its slot) and stores the blocks in that order.
 """
 
 from __future__ import annotations
@@ -153,16 +157,16 @@ def candidate_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, k_scal
 
 @triton.jit
 def _candidate_keys(scores_row, blocks_row, slot, W, LIMIT: tl.constexpr):
-    """The ranking keys of :func:`~sa_compile.selection.order_candidates_reference` at ``slot``
-    (and the slots' blocks): slots 0 and 1 ``inf``, slots with no block (and past ``W``)
-    ``-inf``, the rest their score with NaN as ``-LIMIT`` and clamped to ``+-LIMIT``."""
+    """The ranking keys of :func:`~sa_compile.selection.order_candidates_reference` at ``slot``:
+    slots 0 and 1 ``inf``, slots with no block (and past ``W``) ``-inf``, the rest their score
+    with NaN as ``-LIMIT`` and clamped to ``+-LIMIT``."""
     live = slot < W
     score = tl.load(scores_row + slot, mask=live, other=0.0)
     block = tl.load(blocks_row + slot, mask=live, other=-1)
     is_nan = (score.to(tl.int32, bitcast=True) & 0x7FFFFFFF) > 0x7F800000  # by its bits: no fast-math folds it
     key = tl.where(is_nan, -LIMIT, tl.clamp(score, -LIMIT, LIMIT))
     key = tl.where(slot < 2, float("inf"), key)
-    return tl.where(block < 0, float("-inf"), key), block
+    return tl.where(block < 0, float("-inf"), key)
 
 
 @triton.jit
@@ -172,7 +176,7 @@ def _order_candidates_kernel(SCORES, BLOCKS, OUT, W, LIMIT: tl.constexpr, WP: tl
     (low half: equal keys keep their slots' order), then each slot's block stored in that order."""
     row = tl.program_id(0).to(tl.int64) * W
     i = tl.arange(0, WP)
-    key, _ = _candidate_keys(SCORES + row, BLOCKS + row, i, W, LIMIT)
+    key = _candidate_keys(SCORES + row, BLOCKS + row, i, W, LIMIT)
     bits = key.to(tl.int32, bitcast=True)
     bits = tl.where((bits & 0x7FFFFFFF) == 0, 0, bits)  # -0.0 ties with 0.0, as a float comparison has it
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # the floats' order as signed integers' (no NaN here)
