@@ -29,15 +29,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._blocks import INT8_LIMIT
+from ._blocks import INT8_LIMIT, pad_to_blocks
 from ._strided_triton import (
     _SCRATCH_BYTES, _load_key_tile, _row_lse, _store_tile_lse, _store_visible_lse, launch_shape,
 )
 
 
 @triton.jit
-def _store_candidate_lse(ptr, q, q_scale, k_base, skn, ks_base, valid_base, keys, pos, N, D: tl.constexpr,
-                         DP: tl.constexpr, HAS_VALID: tl.constexpr, INT8: tl.constexpr, CAUSAL: tl.constexpr):
+def _store_candidate_lse(ptr, q, q_scale, k_base, skn, ks_base, valid_base, all_valid, keys, pos, N,
+                         D: tl.constexpr, DP: tl.constexpr, HAS_VALID: tl.constexpr, INT8: tl.constexpr,
+                         CAUSAL: tl.constexpr):
     """One candidate tile's :func:`._strided_triton._store_tile_lse`. With ``INT8``, ``q`` holds
     int8 rows (scales ``q_scale``, base 2 included) and the keys are int8 with per-key scales at
     ``ks_base``; otherwise ``q`` is in the inputs' dtype and ``q_scale``, ``ks_base`` are unread."""
@@ -48,14 +49,14 @@ def _store_candidate_lse(ptr, q, q_scale, k_base, skn, ks_base, valid_base, keys
         else:
             k_scale = tl.load(ks_base + keys)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
-        _store_visible_lse(ptr, s, keys, pos, N, valid_base, HAS_VALID, CAUSAL)
+        _store_visible_lse(ptr, s, keys, pos, N, valid_base, all_valid, HAS_VALID, CAUSAL)
     else:
-        _store_tile_lse(ptr, q, k_base, skn, valid_base, keys, pos, N, D, DP, HAS_VALID, CAUSAL)
+        _store_tile_lse(ptr, q, k_base, skn, valid_base, all_valid, keys, pos, N, D, DP, HAS_VALID, CAUSAL)
 
 
 @triton.jit
-def _candidate_mass_kernel(Q, K, KS, VALID, CAND, SCRATCH, OUT, sqb, sqh, sqn, skb, skh, skn, sksb, sksh, svb,
-                           scb, scg, scq, sob, soh, soq, N, G, qb_first, scale2,
+def _candidate_mass_kernel(Q, K, KS, VALID, FULL, CAND, SCRATCH, OUT, sqb, sqh, sqn, skb, skh, skn, sksb, sksh, svb,
+                           sfb, scb, scg, scq, sob, soh, soq, N, G, qb_first, scale2,
                            HG: tl.constexpr, HGP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
                            W: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                            STRIDE: tl.constexpr, KBT: tl.constexpr, HAS_VALID: tl.constexpr, INT8: tl.constexpr,
@@ -78,7 +79,7 @@ def _candidate_mass_kernel(Q, K, KS, VALID, CAND, SCRATCH, OUT, sqb, sqh, sqn, s
     cand = CAND + b * scb + g * scg + qb.to(tl.int64) * scq
     scratch = SCRATCH + (pid_bg * tl.num_programs(0) + tile).to(tl.int64) * W * M
     live = tl.minimum(qb + 1, W)  # slots holding a block; the rest hold none
-    k_base, valid_base = K + b * skb + g * skh, VALID + b * svb
+    k_base, valid_base, full_base = K + b * skb + g * skh, VALID + b * svb, FULL + b * sfb
     if INT8:  # the sampled rows rounded to int8, each with its own scale (as quantize_int8)
         q = q.to(tl.float32) * scale2
         q = tl.where(tl.abs(q) < float("inf"), q, 0.0)  # NaN and inf count as 0, as in quantize_int8
@@ -90,11 +91,15 @@ def _candidate_mass_kernel(Q, K, KS, VALID, CAND, SCRATCH, OUT, sqb, sqh, sqn, s
         q_scale = scale2  # unread
     ks_base = KS + b * sksb + g * sksh  # unread without INT8
     # Slot 0, the diagonal: the one candidate the causal mask and the prompt's end cut.
-    _store_candidate_lse(scratch + m, q, q_scale, k_base, skn, ks_base, valid_base, tl.load(cand) * BLOCK + keys0,
-                         pos, N, D, DP, HAS_VALID, INT8, CAUSAL=True)
+    _store_candidate_lse(scratch + m, q, q_scale, k_base, skn, ks_base, valid_base, 0,
+                         tl.load(cand) * BLOCK + keys0, pos, N, D, DP, HAS_VALID, INT8, CAUSAL=True)
     for w in range(1, live):  # below the diagonal: every key visible to every row
-        _store_candidate_lse(scratch + w * M + m, q, q_scale, k_base, skn, ks_base, valid_base,
-                             tl.load(cand + w) * BLOCK + keys0, pos, N, D, DP, HAS_VALID, INT8, CAUSAL=False)
+        block = tl.load(cand + w)
+        all_valid = 0
+        if HAS_VALID:  # the block's keys all valid: no padding mask (FULL, one flag per key block)
+            all_valid = tl.load(full_base + block)
+        _store_candidate_lse(scratch + w * M + m, q, q_scale, k_base, skn, ks_base, valid_base, all_valid,
+                             block * BLOCK + keys0, pos, N, D, DP, HAS_VALID, INT8, CAUSAL=False)
     row_lse = _row_lse(scratch, m, live, M, KBT)
     counted = row_ok & (row_lse > float("-inf"))
     j = tl.arange(0, HGP)
@@ -136,6 +141,9 @@ def candidate_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, k_scal
     programs = max(1, min(nb, _SCRATCH_BYTES // (B * G * W * HGP * RP * 4)))
     scratch = torch.empty(B * G * programs * W * HGP * RP, device=q_BHND.device, dtype=torch.float32)
     valid = kv_valid_BN.contiguous() if kv_valid_BN is not None else q_BHND  # unread without HAS_VALID
+    # One flag per key block: all its keys valid (tiles of an all-ones mask skip the padding mask).
+    full = (pad_to_blocks(valid != 0, block_size).view(B, -1, block_size).all(-1).to(torch.int8)
+            if kv_valid_BN is not None else valid)
     int8 = k_scale_BGN is not None
     if num_stages is None:
         num_stages = 5 if int8 else 3
@@ -144,9 +152,9 @@ def candidate_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, k_scal
     options = {} if maxnreg is None else {"maxnreg": maxnreg}
     for first in range(0, nb, programs):
         _candidate_mass_kernel[(min(programs, nb - first), B * G)](
-            q_BHND, k_BGND, k_scale, valid, cand_BGQW, scratch, out_BHQW, q_BHND.stride(0), q_BHND.stride(1),
+            q_BHND, k_BGND, k_scale, valid, full, cand_BGQW, scratch, out_BHQW, q_BHND.stride(0), q_BHND.stride(1),
             q_BHND.stride(2), k_BGND.stride(0), k_BGND.stride(1), k_BGND.stride(2), *ks_strides, valid.stride(0),
-            cand_BGQW.stride(0), cand_BGQW.stride(1), cand_BGQW.stride(2),
+            full.stride(0), cand_BGQW.stride(0), cand_BGQW.stride(1), cand_BGQW.stride(2),
             out_BHQW.stride(0), out_BHQW.stride(1), out_BHQW.stride(2), N, G, first, scale * math.log2(math.e),
             HG=HG, HGP=HGP, R=R, RP=RP, W=W, BLOCK=block_size, D=D, DP=triton.next_power_of_2(D),
             STRIDE=stride, KBT=32, HAS_VALID=kv_valid_BN is not None, INT8=int8, LIMIT=INT8_LIMIT,

@@ -33,7 +33,7 @@ N, NB, W = 32768, 256, 164
 # Integer arguments as the launch passes them (strides of contiguous tensors): those divisible by
 # 16 get Triton's divisibility hint, as its JIT would give them.
 INTS = dict(N=N, NB=NB, G=8, qb_first=0, sqb=32 * N * 128, sqh=N * 128, sqn=128, skb=8 * N * 128, skh=N * 128,
-            skn=128, sksb=8 * N, sksh=N, svb=N, scb=8 * NB * W, scg=NB * W, scq=W, sob=32 * NB * W, soh=NB * W,
+            skn=128, sksb=8 * N, sksh=N, svb=N, sfb=NB, scb=8 * NB * W, scg=NB * W, scq=W, sob=32 * NB * W, soh=NB * W,
             soq=W)
 SHAPE = dict(HG=4, HGP=4, R=16, RP=16, BLOCK=128, D=128, DP=128, STRIDE=8, KBT=32)
 
@@ -44,7 +44,7 @@ def specializations():
         for valid in (True, False):
             keys = "*i8" if int8 else "*bf16"
             yield (f"candidate_mass int8={int8} padding={valid}", _screened_triton._candidate_mass_kernel,
-                   {"Q": "*bf16", "K": keys, "KS": "*fp32" if int8 else "*bf16", "VALID": "*i64", "CAND": "*i32",
+                   {"Q": "*bf16", "K": keys, "KS": "*fp32" if int8 else "*bf16", "VALID": "*i64", "FULL": "*i8", "CAND": "*i32",
                     "SCRATCH": "*fp32", "OUT": "*fp32"},
                    dict(SHAPE, W=W, HAS_VALID=valid, INT8=int8, LIMIT=127), 4, 5 if int8 else 3)
     for valid in (True, False):

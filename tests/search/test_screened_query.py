@@ -264,9 +264,10 @@ def test_config_width_is_the_taper_rows_count_times_candidates():
 def test_cuda_kernel_matches_the_reference(dtype, shape):
     B, H, G, N, D, block, stride, width = shape
     q, k, _ = attention_inputs(3, B, H, G, N, D, dtype, device="cuda")
-    kv_valid = torch.ones(B, N, dtype=torch.long, device="cuda")
-    kv_valid[:, : N // 7] = 0  # left padding
-    for valid in (None, kv_valid):
+    all_ones = torch.ones(B, N, dtype=torch.long, device="cuda")  # every tile skips the padding mask
+    kv_valid = all_ones.clone()
+    kv_valid[:, : N // 7] = 0  # left padding: some tiles masked, some not
+    for valid in (None, all_ones, kv_valid):
         cand = candidate_blocks(screen_scores(q, k, block, D**-0.5, valid), width)
         for k_in, k_scale in ((k, None), quantize_int8(k)):
             got = candidate_block_mass(q, k_in, k_scale, valid, cand, block, stride, D**-0.5)
