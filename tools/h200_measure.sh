@@ -59,7 +59,7 @@
 #            thread, the row scale folded, each with and without a key mask) and the in-register sort of
 #            the candidates beside the stable sort (benchmarks/experiments/search_launches.py, 32K-256K);
 #            where the search's time goes (PROFILE_LENGTHS, 32K-256K); the sparse op's and the kernel
-#            options' CUDA tests. About 15 minutes: the next call polls on and collects.
+#            options' CUDA tests. About 18 minutes: the next call polls on and collects.
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
 # CONFIGS the fidelity configs of `quality`; scale4 and int8 take LENGTHS, EAGER_UP_TO and PROFILE_LENGTHS,
 # and TESTS=0 skips their tests.
@@ -186,9 +186,9 @@ int8)
         --dynamic true --repeats 3 --warmup 0 --tag int8_$CARD --out "$R/ttft"
     ;;
 order)
-    stage tests 150 python3 -m pytest -q tests/search/test_screened_query.py -k cuda
+    stage tests 240 python3 -m pytest -q tests/search/test_screened_query.py -k cuda
     stage launches 300 python3 $B/experiments/search_launches.py --lengths 32k,128k,256k --out "$R/launches_$CARD.json"
-    stage profile 240 python3 $B/profile_search.py --lengths ${PROFILE_LENGTHS:-32k,128k,256k} --top 20 \
+    stage profile 300 python3 $B/profile_search.py --lengths ${PROFILE_LENGTHS:-32k,128k,256k} --top 20 \
         --tag order_$CARD --out "$R/profile"
     stage optests 240 python3 -m pytest -q tests/op/test_sparse_op.py tests/op/test_flex_options.py -k cuda
     ;;
