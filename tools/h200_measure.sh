@@ -62,7 +62,7 @@
 #            options' CUDA tests. About 18 minutes: the next call polls on and collects.
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
 # CONFIGS the fidelity configs of `quality`; scale4 and int8 take LENGTHS, EAGER_UP_TO and PROFILE_LENGTHS,
-# and TESTS=0 skips their tests.
+# and TESTS=0 skips their tests; order takes LAUNCH_LENGTHS, PROFILE_LENGTHS and TESTS=0 (one call then).
 set -u
 PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final|wider|adopt|scale4|int8|order}
 R=/tmp/res
@@ -186,11 +186,13 @@ int8)
         --dynamic true --repeats 3 --warmup 0 --tag int8_$CARD --out "$R/ttft"
     ;;
 order)
-    stage tests 240 python3 -m pytest -q tests/search/test_screened_query.py -k cuda
-    stage launches 300 python3 $B/experiments/search_launches.py --lengths 32k,128k,256k --out "$R/launches_$CARD.json"
+    [ "${TESTS:-1}" = 1 ] && stage tests 240 python3 -m pytest -q tests/search/test_screened_query.py -k cuda
+    stage launches 300 python3 $B/experiments/search_launches.py --lengths ${LAUNCH_LENGTHS:-32k,128k,256k} \
+        --out "$R/launches_$CARD.json"
     stage profile 300 python3 $B/profile_search.py --lengths ${PROFILE_LENGTHS:-32k,128k,256k} --top 20 \
         --tag order_$CARD --out "$R/profile"
-    stage optests 240 python3 -m pytest -q tests/op/test_sparse_op.py tests/op/test_flex_options.py -k cuda
+    [ "${TESTS:-1}" = 1 ] && stage optests 240 python3 -m pytest -q tests/op/test_sparse_op.py \
+        tests/op/test_flex_options.py -k cuda
     ;;
 *)
     echo "unknown plan $PLAN" >>"$R/progress"
