@@ -126,6 +126,20 @@ def build_block_mask(order_BHQW, count_BHQ, block_size: int, seq_len, kv_valid_B
     return block_mask, buffers
 
 
+def stable_partition(values_BHQW: torch.Tensor, group_BHQW: torch.Tensor, groups: int) -> torch.Tensor:
+    """``values_BHQW`` rearranged along its last dim by ``group_BHQW`` (integers in
+    ``[0, groups)``): group 0 first, each group in its original order. A stable sort by group,
+    done without one: an entry's place is the size of the groups before its own plus the count
+    of its group's entries up to it (a running sum), and one scatter puts it there."""
+    place = torch.zeros(group_BHQW.shape, dtype=torch.int64, device=group_BHQW.device)
+    before = torch.zeros(*group_BHQW.shape[:-1], 1, dtype=torch.int64, device=group_BHQW.device)
+    for g in range(groups):
+        member = group_BHQW == g
+        place = torch.where(member, before + member.cumsum(-1) - 1, place)
+        before = before + member.sum(-1, keepdim=True)
+    return torch.zeros_like(values_BHQW).scatter_(-1, place, values_BHQW)
+
+
 def split_by_valid_keys(order_BHQW, count_BHQ, block_size: int, kv_valid_BN):
     """The kept blocks split, with key padding, into ``(partial, full)`` (count, indices) pairs,
     each list ``nb`` wide.
@@ -133,7 +147,7 @@ def split_by_valid_keys(order_BHQW, count_BHQ, block_size: int, kv_valid_BN):
     A kept block below the diagonal whose keys are all valid runs full (no mask_mod), as
     without padding: a tokenizer's all-ones mask costs nothing. The diagonal and blocks with
     padded keys run partial, where the mask_mod makes them exact. Each list keeps the
-    search's order (a stable partition); the diagonal goes last in its partial list, because
+    search's order (:func:`stable_partition`); the diagonal goes last in its partial list, because
     the CUDA FlexAttention kernel stops a row after ``ceil(N / BLOCK_N)`` tiles, which is
     right only when the one block reaching past ``N`` (the last row's diagonal) comes last.
     """
@@ -143,15 +157,15 @@ def split_by_valid_keys(order_BHQW, count_BHQ, block_size: int, kv_valid_BN):
     diagonal_BHQW = order_BHQW == torch.arange(nb, device=order_BHQW.device, dtype=order_BHQW.dtype)[:, None]
     all_valid_BHQW = valid_BK[:, None, None, :].expand(-1, *order_BHQW.shape[1:3], -1).gather(-1, order_BHQW.long())
     full_BHQW = kept_BHQW & all_valid_BHQW & ~diagonal_BHQW
-    # Sort keys, stable: full blocks first (0) for the full list; for the partial list the
-    # off-diagonal partial blocks (0), then the diagonal (1), then the rest (2).
-    full_rank = torch.where(full_BHQW, 0, 1).to(torch.int32)
-    partial_rank = torch.where(kept_BHQW & ~full_BHQW, torch.where(diagonal_BHQW, 1, 0), 2).to(torch.int32)
+    # Groups, each list's entries in its search order: full blocks first (0) for the full list;
+    # for the partial list the off-diagonal partial blocks (0), then the diagonal (1), then the rest (2).
+    full_group = torch.where(full_BHQW, 0, 1)
+    partial_group = torch.where(kept_BHQW & ~full_BHQW, torch.where(diagonal_BHQW, 1, 0), 2)
     # Both lists nb wide (see build_block_mask); no row keeps more than nb blocks.
     slot_K = torch.arange(nb, device=order_BHQW.device)
     to_grid_K = torch.where(slot_K < W, slot_K, 0)
-    full_order = order_BHQW.gather(-1, torch.sort(full_rank, dim=-1, stable=True).indices)[..., to_grid_K]
-    partial_order = order_BHQW.gather(-1, torch.sort(partial_rank, dim=-1, stable=True).indices)[..., to_grid_K]
+    full_order = stable_partition(order_BHQW, full_group, 2)[..., to_grid_K]
+    partial_order = stable_partition(order_BHQW, partial_group, 3)[..., to_grid_K]
     full_count = full_BHQW.sum(-1, dtype=torch.int32)
     return (count_BHQ - full_count, partial_order), (full_count, full_order)
 

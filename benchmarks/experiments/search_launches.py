@@ -11,6 +11,10 @@
   padding 696 against 758, but 244 registers against 165). Its output differs from the
   default's by float rounding: the table gives the largest difference and the share of each
   row's 41 highest-mass candidates that both keep.
+- The BlockMask build with key padding (``build_block_mask`` with an all-ones mask, compiled, as
+  ``generate()`` runs it): the two lists' stable partition by running counts and a scatter
+  (``sparse_op.stable_partition``, since commit `PARTCOMMIT`) against the two stable sorts it
+  replaced, and the build without a mask. The lists must be identical.
 - The candidates' order: the in-register sort (``order_candidates_cuda``, a bitonic sort per
   row; 1 warp, the default, and 4) against the stable sort and gather it replaces
   (``order_candidates_reference``, eager), which it must equal exactly. Search + BlockMask as
@@ -46,7 +50,8 @@ import _common as common  # noqa: E402
 import attention  # noqa: E402
 
 from sa_compile import SparseConfig  # noqa: E402
-from sa_compile.selection import _KEY_LIMIT, order_candidates_reference  # noqa: E402
+from sa_compile import sparse_op  # noqa: E402
+from sa_compile.selection import _KEY_LIMIT, order_candidates_reference, select_candidate_lists  # noqa: E402
 from sa_compile.templates._blocks import quantize_int8  # noqa: E402
 from sa_compile.templates import _screened_triton  # noqa: E402
 from sa_compile.templates._screened_triton import candidate_block_mass_cuda, order_candidates_cuda  # noqa: E402
@@ -108,6 +113,35 @@ def kept_agreement(mass, reference, keep: int = 41) -> float:
     return ((top(mass) & kept).sum() / kept.sum()).item()
 
 
+def sort_partition(values_BHQW, group_BHQW, groups: int):
+    """The padded lists' partition as it was: a stable sort of the groups, then a gather."""
+    return values_BHQW.gather(-1, torch.sort(group_BHQW, dim=-1, stable=True).indices)
+
+
+def mask_builds(order, count, block: int, n: int, valid) -> dict:
+    """Compiled BlockMask builds (every list of the mask out): with the key mask ``valid``, by the
+    package's partition and by the sorts it replaced; and without a mask."""
+
+    def build(order, count, valid):
+        block_mask, _ = sparse_op.build_block_mask(order, count, block, n, valid)
+        return tuple(getattr(block_mask, f) for f in attention._MASK_FIELDS if getattr(block_mask, f) is not None)
+
+    compiled = torch.compile(build, dynamic=False)
+
+    def with_partition(partition):
+        def run():
+            shipped, sparse_op.stable_partition = sparse_op.stable_partition, partition
+            try:
+                return compiled(order, count, valid)
+            finally:
+                sparse_op.stable_partition = shipped
+        return run
+
+    return {"BlockMask build, key padding: stable partition": with_partition(sparse_op.stable_partition),
+            "BlockMask build, key padding: stable sorts (before)": with_partition(sort_partition),
+            "BlockMask build, no key mask": lambda: compiled(order, count, None)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="32k,128k,256k")
@@ -155,6 +189,12 @@ def main() -> None:
             })
         scores = default_mass / default_mass.sum(-1, keepdim=True).clamp(min=1e-30)
         blocks = cand.repeat_interleave(H // G, 1)
+        lists = select_candidate_lists(scores, blocks, cand.shape[-2],
+                                       sparse_op.search_density(config, cand.shape[-2], device))
+        builds = mask_builds(*lists, block, n, ones)
+        expected_lists = builds["BlockMask build, key padding: stable sorts (before)"]()
+        for name, fn in builds.items():
+            fns[name] = (fn, expected_lists if "key padding" in name else fn())
         order = order_candidates_reference(scores, blocks)
         fns["order: stable sort + gather (eager)"] = (lambda: order_candidates_reference(scores, blocks), order)
         for warps in (1, 4):
@@ -162,7 +202,11 @@ def main() -> None:
                 lambda warps=warps: order_candidates_cuda(scores, blocks, _KEY_LIMIT, num_warps=warps), order)
         for name, (fn, expected) in fns.items():
             out = fn()
-            same = bool(torch.equal(out, expected))
+            if isinstance(out, tuple):  # a BlockMask's lists: the same lists or not
+                same = len(out) == len(expected) and all(torch.equal(a, b) for a, b in zip(out, expected))
+                out, expected = out[0], expected[0]
+            else:
+                same = bool(torch.equal(out, expected))
             diff = (out.double() - expected.double()).abs().max().item()
             t = common.time_fn(fn, device, repeats=args.repeats, warmup=0 if args.dry_run else 2)
             row = {"seq_len": n, "launch": name, "ms": t.median_s * 1e3, "identical": same,
@@ -172,7 +216,7 @@ def main() -> None:
             rows.append(row)
             print(f"N={common.length_label(n)} {name:62s} {row['ms']:8.3f} ms  identical {same}  diff {diff:.2e}"
                   f"  kept {row.get('kept_agreement', float('nan')):.4f}", flush=True)
-        del q, k, k8, default_mass, scores, blocks, order, fns
+        del q, k, k8, default_mass, scores, blocks, order, fns, lists, builds, expected_lists
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.out:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from sa_compile import PatternKind, SparseConfig, sparse_attention
 from sa_compile.patterns import realized_density
 from sa_compile.selection import causal_block_count, keep_mask, select_block_lists
-from sa_compile.sparse_op import build_block_mask, select_kept_blocks
+from sa_compile.sparse_op import build_block_mask, select_kept_blocks, stable_partition
 
 from sa_compile.reference import dense_reference, masked_reference, token_mask
 
@@ -107,6 +107,17 @@ def test_key_padding_is_masked_exactly(padding, device):
         assert_close(out, masked_reference(q, k, v, token_mask(keep, block, seq_len, valid)))
         if cfg.density == 1.0:
             assert_close(out, dense_reference(q, k, v, kv_valid_BN=valid))
+
+
+@given(seed=st.integers(0, 2**16), width=st.integers(1, 40), groups=st.integers(1, 3))
+def test_stable_partition_is_a_stable_sort_by_group(seed, width, groups):
+    """The padded block lists' partition (running counts and a scatter) against the stable sort it replaced."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 50, (2, 3, 4, width), generator=gen)
+    group = torch.randint(0, groups, (2, 3, 4, width), generator=gen)
+    expected = values.gather(-1, torch.sort(group, dim=-1, stable=True).indices)
+    assert torch.equal(stable_partition(values, group, groups), expected)
+    assert torch.equal(torch.compile(stable_partition, fullgraph=True)(values, group, groups), expected)
 
 
 @given(seed=st.integers(0, 2**16), density=st.floats(0.05, 1.0), tail=st.integers(0, 15), padded=st.booleans())
