@@ -13,7 +13,7 @@
   row's 41 highest-mass candidates that both keep.
 - The BlockMask build with key padding (``build_block_mask`` with an all-ones mask, compiled, as
   ``generate()`` runs it): the two lists' stable partition by running counts and a scatter
-  (``sparse_op.stable_partition``, since commit `PARTCOMMIT`) against the two stable sorts it
+  (``sparse_op.stable_partition``, since commit `3f1ee06`) against the two stable sorts it
   replaced, and the build without a mask. The lists must be identical.
 - The candidates' order: the in-register sort (``order_candidates_cuda``, a bitonic sort per
   row; 1 warp, the default, and 4) against the stable sort and gather it replaces
