@@ -31,8 +31,19 @@ import triton.language as tl
 
 from ._blocks import INT8_LIMIT, pad_to_blocks
 from ._strided_triton import (
-    _SCRATCH_BYTES, _load_key_tile, _row_lse, _store_tile_lse, _store_visible_lse, launch_shape,
+    _SCRATCH_BYTES, _load_key_tile, _row_lse, _store_row_lse, _store_tile_lse, _visible_logits, launch_shape,
 )
+
+
+@triton.jit
+def _load_int8_keys(k_base, skn, ks_base, keys, N, D: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr):
+    """An int8 key tile (:func:`._strided_triton._load_key_tile`) and its keys' scales at ``ks_base``."""
+    k = _load_key_tile(k_base, skn, keys, N, D, DP, CAUSAL)
+    if CAUSAL:
+        k_scale = tl.load(ks_base + keys, mask=keys < N, other=0.0)
+    else:
+        k_scale = tl.load(ks_base + keys)
+    return k, k_scale
 
 
 @triton.jit
@@ -43,13 +54,9 @@ def _store_candidate_lse(ptr, q, q_scale, k_base, skn, ks_base, valid_base, all_
     int8 rows (scales ``q_scale``, base 2 included) and the keys are int8 with per-key scales at
     ``ks_base``; otherwise ``q`` is in the inputs' dtype and ``q_scale``, ``ks_base`` are unread."""
     if INT8:
-        k = _load_key_tile(k_base, skn, keys, N, D, DP, CAUSAL)
-        if CAUSAL:
-            k_scale = tl.load(ks_base + keys, mask=keys < N, other=0.0)
-        else:
-            k_scale = tl.load(ks_base + keys)
+        k, k_scale = _load_int8_keys(k_base, skn, ks_base, keys, N, D, DP, CAUSAL)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
-        _store_visible_lse(ptr, s, keys, pos, N, valid_base, all_valid, HAS_VALID, CAUSAL)
+        _store_row_lse(ptr, _visible_logits(s, keys, pos, N, valid_base, all_valid, HAS_VALID, CAUSAL))
     else:
         _store_tile_lse(ptr, q, k_base, skn, valid_base, all_valid, keys, pos, N, D, DP, HAS_VALID, CAUSAL)
 

@@ -49,13 +49,13 @@ def _load_key_tile(k_base, skn, keys, N, D: tl.constexpr, DP: tl.constexpr, CAUS
 
 
 @triton.jit
-def _store_visible_lse(ptr, s, keys, pos, N, valid_base, all_valid, HAS_VALID: tl.constexpr, CAUSAL: tl.constexpr):
-    """Each row's log-sum-exp of its logits ``s`` against the key tile ``keys``, stored at
-    ``ptr``, counting only the keys it sees: a diagonal tile (``CAUSAL``) masks keys after the
-    row's position ``pos`` and past the prompt's end; a tile below it is visible to every row.
-    ``HAS_VALID`` also drops the keys ``valid_base`` marks 0 (padding), except in a tile below
-    the diagonal whose keys ``all_valid`` (nonzero) says are all valid: every tile of an
-    all-ones mask, which a compiled model's ``generate()`` passes, then costs no masking."""
+def _visible_logits(s, keys, pos, N, valid_base, all_valid, HAS_VALID: tl.constexpr, CAUSAL: tl.constexpr):
+    """The logits ``s`` against the key tile ``keys``, ``-inf`` where a row does not see the key:
+    a diagonal tile (``CAUSAL``) masks keys after the row's position ``pos`` and past the
+    prompt's end; a tile below it is visible to every row. ``HAS_VALID`` also masks the keys
+    ``valid_base`` marks 0 (padding), except in a tile below the diagonal whose keys
+    ``all_valid`` (nonzero) says are all valid: every tile of an all-ones mask, which a compiled
+    model's ``generate()`` passes, then costs no masking."""
     if CAUSAL:
         visible = (keys[None, :] <= pos[:, None]) & (keys[None, :] < N)
         if HAS_VALID:
@@ -64,7 +64,7 @@ def _store_visible_lse(ptr, s, keys, pos, N, valid_base, all_valid, HAS_VALID: t
     elif HAS_VALID:
         if all_valid == 0:
             s = tl.where((tl.load(valid_base + keys) != 0)[None, :], s, float("-inf"))
-    _store_row_lse(ptr, s)
+    return s
 
 
 @triton.jit
@@ -72,9 +72,10 @@ def _store_tile_lse(ptr, q, k_base, skn, valid_base, all_valid, keys, pos, N, D:
                     HAS_VALID: tl.constexpr, CAUSAL: tl.constexpr):
     """The rows' logits against one key tile (``keys``; ``k_base`` and ``valid_base`` at the
     batch and head), each row's log-sum-exp of them stored at ``ptr``
-    (:func:`_store_visible_lse`)."""
+    (over the keys it sees: :func:`_visible_logits`)."""
     k = _load_key_tile(k_base, skn, keys, N, D, DP, CAUSAL)
-    _store_visible_lse(ptr, tl.dot(q, tl.trans(k)), keys, pos, N, valid_base, all_valid, HAS_VALID, CAUSAL)
+    s = _visible_logits(tl.dot(q, tl.trans(k)), keys, pos, N, valid_base, all_valid, HAS_VALID, CAUSAL)
+    _store_row_lse(ptr, s)
 
 
 @triton.jit

@@ -8,7 +8,7 @@
   peak is taken over ``dot * k_scale`` and each exponent is ``exp2(q_scale * t - q_scale * peak)``,
   one FMA, so a logit costs one multiply less (sm_90 SASS: 582 instructions per tile loop
   against 640, 144 registers against 167, 128 under ``maxnreg`` with no spills; with key
-  padding 696 against 758, but 244 registers against 165). Its output differs from the
+  padding 244 registers against 165). Its output differs from the
   default's by float rounding: the table gives the largest difference and the share of each
   row's 41 highest-mass candidates that both keep.
 - The BlockMask build with key padding (``build_block_mask`` with an all-ones mask, compiled, as
@@ -22,8 +22,8 @@
 
 Each candidate-kernel launch runs twice: without a key mask and with an all-ones one (the
 padding path a compiled model takes in ``generate()``), each against the default launch
-without a mask, which an all-ones mask must reproduce. Inputs: ``attention.make_inputs`` q/k at the Llama-3.1-8B attention shape, the screen's
-candidates at the default config; CUDA events, median of ``--repeats`` after 2 warm-ups. Not part
+without a mask, which an all-ones mask must reproduce. Inputs: ``attention.make_inputs`` q/k at
+the Llama-3.1-8B attention shape, the screen's candidates at the default config; CUDA events, median of ``--repeats`` after 2 warm-ups. Not part
 of the package or the tests: a one-off, removed once its numbers are in the docs.
 
     python benchmarks/experiments/search_launches.py --lengths 32k,128k,256k --out launches.json
@@ -54,8 +54,10 @@ from sa_compile import sparse_op  # noqa: E402
 from sa_compile.selection import _KEY_LIMIT, order_candidates_reference, select_candidate_lists  # noqa: E402
 from sa_compile.templates._blocks import quantize_int8  # noqa: E402
 from sa_compile.templates import _screened_triton  # noqa: E402
-from sa_compile.templates._screened_triton import candidate_block_mass_cuda, order_candidates_cuda  # noqa: E402
-from sa_compile.templates._strided_triton import _load_key_tile, _store_tile_lse  # noqa: E402
+from sa_compile.templates._screened_triton import (  # noqa: E402
+    _load_int8_keys, candidate_block_mass_cuda, order_candidates_cuda,
+)
+from sa_compile.templates._strided_triton import _store_tile_lse, _visible_logits  # noqa: E402
 from sa_compile.templates.screened_query import (  # noqa: E402
     key_block_stats, screen_queries, screen_ranking_keys, top_candidates,
 )
@@ -67,20 +69,9 @@ def _store_folded_lse(ptr, q, q_scale, k_base, skn, ks_base, valid_base, all_val
                       CAUSAL: tl.constexpr):
     """The shipped ``_store_candidate_lse`` with the row scale folded into the exponent (int8)."""
     if INT8:
-        k = _load_key_tile(k_base, skn, keys, N, D, DP, CAUSAL)
-        if CAUSAL:
-            k_scale = tl.load(ks_base + keys, mask=keys < N, other=0.0)
-        else:
-            k_scale = tl.load(ks_base + keys)
+        k, k_scale = _load_int8_keys(k_base, skn, ks_base, keys, N, D, DP, CAUSAL)
         t = tl.dot(q, tl.trans(k)).to(tl.float32) * k_scale[None, :]
-        if CAUSAL:
-            visible = (keys[None, :] <= pos[:, None]) & (keys[None, :] < N)
-            if HAS_VALID:
-                visible = visible & (tl.load(valid_base + keys, mask=keys < N, other=0) != 0)[None, :]
-            t = tl.where(visible, t, float("-inf"))
-        elif HAS_VALID:
-            if all_valid == 0:
-                t = tl.where((tl.load(valid_base + keys) != 0)[None, :], t, float("-inf"))
+        t = _visible_logits(t, keys, pos, N, valid_base, all_valid, HAS_VALID, CAUSAL)
         row_scale = tl.maximum(q_scale, 1e-30)  # a zero row: logits 0 at any scale, and no 0 * -inf
         peak = tl.max(t, 1)
         peak = tl.where(peak == float("-inf"), 0.0, peak) * row_scale
