@@ -84,7 +84,9 @@ def _folded_kernel():
     """The shipped candidate kernel, its tile helper swapped for :func:`_store_folded_lse`."""
     shipped = _screened_triton._candidate_mass_kernel.fn
     scope = dict(shipped.__globals__, _store_candidate_lse=_store_folded_lse)
-    return triton.jit(types.FunctionType(shipped.__code__, scope, shipped.__name__))
+    fn = types.FunctionType(shipped.__code__, scope, shipped.__name__, shipped.__defaults__)
+    fn.__annotations__ = shipped.__annotations__  # Triton reads the constexpr parameters from these
+    return triton.jit(fn)
 
 
 def folded_mass(kernel, *args, **launch):
@@ -171,12 +173,12 @@ def main() -> None:
             shipped = default_mass  # an all-ones mask must give the unmasked default's output
             fns.update({
                 f"candidate kernel: default (5 stages){label}": (mass, shipped),
-                f"candidate kernel: maxnreg 128, 5 stages{label}": (lambda mass=mass: mass(maxnreg=128), shipped),
-                f"candidate kernel: maxnreg 128, 4 stages{label}": (
-                    lambda mass=mass: mass(maxnreg=128, num_stages=4), shipped),
                 f"candidate kernel: row scale folded{label}": (lambda mass=mass: mass(folded), shipped),
                 f"candidate kernel: row scale folded, maxnreg 128{label}": (
                     lambda mass=mass: mass(folded, maxnreg=128), shipped),
+                f"candidate kernel: maxnreg 128, 5 stages{label}": (lambda mass=mass: mass(maxnreg=128), shipped),
+                f"candidate kernel: maxnreg 128, 4 stages{label}": (
+                    lambda mass=mass: mass(maxnreg=128, num_stages=4), shipped),
             })
         scores = default_mass / default_mass.sum(-1, keepdim=True).clamp(min=1e-30)
         blocks = cand.repeat_interleave(H // G, 1)
