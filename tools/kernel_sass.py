@@ -39,23 +39,24 @@ SHAPE = dict(HG=4, HGP=4, R=16, RP=16, BLOCK=128, D=128, DP=128, STRIDE=8, KBT=3
 
 
 def specializations():
-    """``(name, kernel, pointer dtypes, constexprs, num_warps, num_stages)`` as the wrappers launch them."""
+    """``(name, kernel, pointer dtypes, constexprs, num_warps, num_stages, maxnreg)`` as the wrappers
+    launch them (``maxnreg`` 0: no register cap)."""
     for int8 in (True, False):
         for valid in (True, False):
             keys = "*i8" if int8 else "*bf16"
             yield (f"candidate_mass int8={int8} padding={valid}", _screened_triton._candidate_mass_kernel,
                    {"Q": "*bf16", "K": keys, "KS": "*fp32" if int8 else "*bf16", "VALID": "*i64", "FULL": "*i8", "CAND": "*i32",
                     "SCRATCH": "*fp32", "OUT": "*fp32"},
-                   dict(SHAPE, W=W, HAS_VALID=valid, INT8=int8, LIMIT=127), 4, 5 if int8 else 3)
+                   dict(SHAPE, W=W, HAS_VALID=valid, INT8=int8, LIMIT=127), 4, 5 if int8 else 3, 128 if int8 else 0)
     for valid in (True, False):
         yield (f"strided_mass padding={valid}", _strided_triton._strided_mass_kernel,
                {"Q": "*bf16", "K": "*bf16", "VALID": "*i64", "SCRATCH": "*fp32", "OUT": "*fp32"},
-               dict(SHAPE, QBT=1, HAS_VALID=valid), 4, 3)
+               dict(SHAPE, QBT=1, HAS_VALID=valid), 4, 3, 0)
     yield ("order_candidates", _screened_triton._order_candidates_kernel,
-           {"SCORES": "*fp32", "BLOCKS": "*i64", "OUT": "*i64"}, dict(LIMIT=2.0**100, WP=256), 1, 3)
+           {"SCORES": "*fp32", "BLOCKS": "*i64", "OUT": "*i64"}, dict(LIMIT=2.0**100, WP=256), 1, 3, 0)
 
 
-def compile_sass(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+def compile_sass(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int, maxnreg: int) -> dict:
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in pointers:
@@ -69,7 +70,8 @@ def compile_sass(fn, pointers: dict, constexprs: dict, num_warps: int, num_stage
     source = ASTSource(fn=fn, signature=signature, attrs=attrs,
                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
+                            options=dict(num_warps=num_warps, num_stages=num_stages,
+                                         **({"maxnreg": maxnreg} if maxnreg else {})))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])
         cubin.flush()
@@ -80,7 +82,7 @@ def compile_sass(fn, pointers: dict, constexprs: dict, num_warps: int, num_stage
     ops = collections.Counter(m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)",
                                                                sass))
     return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "shared_bytes": kernel.metadata.shared,
-            "instructions": sum(ops.values()), "sass_sha1": hashlib.sha1(sass.encode()).hexdigest(),
+            "instructions": sum(ops.values()), "local_memory_ops": ops["LDL"] + ops["STL"], "sass_sha1": hashlib.sha1(sass.encode()).hexdigest(),
             "top_ops": dict(ops.most_common(8))}
 
 
@@ -90,11 +92,11 @@ def main() -> None:
     parser.add_argument("--compare", help="a JSON of an earlier run: say which kernels' SASS differ")
     args = parser.parse_args()
     records = {}
-    for name, fn, pointers, constexprs, warps, stages in specializations():
-        records[name] = compile_sass(fn, pointers, constexprs, warps, stages)
+    for name, fn, pointers, constexprs, warps, stages, maxnreg in specializations():
+        records[name] = compile_sass(fn, pointers, constexprs, warps, stages, maxnreg)
         r = records[name]
         print(f"{name:40s} {r['registers']:4d} regs {r['shared_bytes']:6d} B shared {r['instructions']:5d} instr "
-              f"sha1 {r['sass_sha1'][:12]}", flush=True)
+              f"{r['local_memory_ops']:3d} spill ops sha1 {r['sass_sha1'][:12]}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(records, f, indent=1)
