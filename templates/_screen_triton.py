@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._blocks import INT8_LIMIT
+
 # Rows per program (heads per group x query blocks), key blocks per tile, warps, stages. 64 rows
 # of float32 queries and their bound operand fill ~200 KB of shared memory with two stages; 128
 # rows do not fit (H100: 311 KB asked, 227 KB there). benchmarks/screen_kernel.py times other
@@ -153,3 +155,61 @@ def screen_ranking_keys_cuda(q_BGXD: torch.Tensor, mean_BGKD: torch.Tensor, max_
         num_warps=num_warps or launch_warps(nb), num_stages=num_stages or LAUNCH["num_stages"],
     )
     return out
+
+
+@triton.jit
+def _key_stats_kernel(K, VALID, MEAN, MAX, MIN, K8, KS, skb, skh, skn, svb, N, G, NB,
+                      BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, HAS_VALID: tl.constexpr,
+                      INT8: tl.constexpr, LIMIT: tl.constexpr):
+    """One key block of one head: the mean, max and min of its valid keys (as
+    :func:`~sa_compile.templates.screened_query.key_block_stats`) and, with ``INT8``, its keys
+    rounded to int8 with one scale per key (as :func:`~._blocks.quantize_int8`), from one read."""
+    kb = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // G).to(tl.int64)
+    g = pid_bg % G
+    t = kb * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, DP)
+    in_range = t < N
+    k_rows = K + b * skb + g * skh + t.to(tl.int64)[:, None] * skn + d[None, :]
+    k = tl.load(k_rows, mask=in_range[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+    valid = in_range
+    if HAS_VALID:
+        valid = valid & (tl.load(VALID + b * svb + t, mask=in_range, other=0) != 0)
+    count = tl.maximum(tl.sum(valid.to(tl.float32), 0), 1.0)
+    stats = (pid_bg * NB + kb).to(tl.int64) * D + d
+    tl.store(MEAN + stats, tl.sum(tl.where(valid[:, None], k, 0.0), 0) / count, mask=d < D)
+    tl.store(MAX + stats, tl.max(tl.where(valid[:, None], k, -1e4), 0), mask=d < D)
+    tl.store(MIN + stats, tl.min(tl.where(valid[:, None], k, 1e4), 0), mask=d < D)
+    if INT8:
+        x = tl.where(tl.abs(k) < float("inf"), k, 0.0)  # NaN and inf count as 0
+        scale = tl.max(tl.abs(x), 1) / LIMIT
+        steps = tl.where(scale[:, None] > 0, x / scale[:, None], 0.0)
+        rows = pid_bg.to(tl.int64) * N + t
+        tl.store(K8 + rows[:, None] * D + d[None, :], tl.clamp(tl.floor(steps + 0.5), -LIMIT, LIMIT).to(tl.int8),
+                 mask=in_range[:, None] & (d < D)[None, :])
+        tl.store(KS + rows, scale, mask=in_range)
+
+
+def key_stats_cuda(k_BGND: torch.Tensor, kv_valid_BN: torch.Tensor | None, block_size: int, int8: bool, *,
+                   num_warps: int = 8):
+    """:func:`~sa_compile.templates.screened_query.key_stats` on CUDA: one program per key block
+    and head reads the block once for its statistics and (``int8``) its int8 keys and scales.
+    Returns ``(mean, max, min, k8, k_scale)``; without ``int8`` the last two are empty."""
+    B, G, N, D = k_BGND.shape
+    nb = triton.cdiv(N, block_size)
+    stats = [torch.empty(B, G, nb, D, device=k_BGND.device, dtype=torch.float32) for _ in range(3)]
+    if int8:
+        k8 = torch.empty(B, G, N, D, device=k_BGND.device, dtype=torch.int8)
+        k_scale = torch.empty(B, G, N, device=k_BGND.device, dtype=torch.float32)
+    else:
+        k8 = torch.empty(0, device=k_BGND.device, dtype=torch.int8)
+        k_scale = torch.empty(0, device=k_BGND.device, dtype=torch.float32)
+    k = k_BGND if k_BGND.stride(-1) == 1 else k_BGND.contiguous()
+    valid = kv_valid_BN.contiguous() if kv_valid_BN is not None else k  # unread without HAS_VALID
+    _key_stats_kernel[(nb, B * G)](
+        k, valid, *stats, k8, k_scale, k.stride(0), k.stride(1), k.stride(2), valid.stride(0), N, G, nb,
+        BLOCK=block_size, D=D, DP=triton.next_power_of_2(D), HAS_VALID=kv_valid_BN is not None, INT8=int8,
+        LIMIT=INT8_LIMIT, num_warps=num_warps,
+    )
+    return (*stats, k8, k_scale)

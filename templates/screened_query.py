@@ -53,6 +53,49 @@ def key_block_stats(k_BGND: torch.Tensor, block_size: int, kv_valid_BN=None):
     return mean_BGKD, max_BGKD, min_BGKD
 
 
+def key_stats_reference(k_BGND: torch.Tensor, kv_valid_BN, block_size: int, int8: bool):
+    """:func:`key_block_stats`, then with ``int8`` the keys rounded to int8 with one scale per key
+    (:func:`~._blocks.quantize_int8`); without it the last two are empty. ``(mean, max, min, k8,
+    k_scale)``."""
+    stats = key_block_stats(k_BGND, block_size, kv_valid_BN)
+    if int8:
+        return (*stats, *quantize_int8(k_BGND))
+    return (*stats, k_BGND.new_empty(0, dtype=torch.int8), k_BGND.new_empty(0, dtype=torch.float32))
+
+
+@torch.library.custom_op("sa_compile::key_stats", mutates_args=())
+def key_stats(k_BGND: torch.Tensor, kv_valid_BN: torch.Tensor | None, block_size: int,
+              int8: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the screened search needs of the keys: each key block's mean, max and min over its
+    valid keys (``[B, G, nb, D]`` float32, the screen's) and, with ``int8``, the keys as int8
+    with one float32 scale per key (the candidate kernel's; empty without ``int8``). On CUDA
+    (power-of-two blocks, head dims up to 128) one kernel reads the keys once for all five;
+    elsewhere :func:`key_stats_reference`."""
+
+    def reference():
+        return key_stats_reference(k_BGND, kv_valid_BN, block_size, int8)
+
+    if not k_BGND.is_cuda:
+        return reference()
+    from ._screen_triton import key_stats_cuda
+
+    D = k_BGND.shape[-1]
+    kernel = ("head dim above 128" if D > 128 else
+              f"block size {block_size}, not a power of two" if block_size & (block_size - 1) else
+              lambda: key_stats_cuda(k_BGND, kv_valid_BN, block_size, int8))
+    return kernel_or_reference("key_stats", (f"head dim {D}", f"block size {block_size}"), kernel, reference)
+
+
+@key_stats.register_fake
+def _(k_BGND, kv_valid_BN, block_size, int8):
+    B, G, N, D = k_BGND.shape
+    nb = (N + block_size - 1) // block_size
+    stats = [k_BGND.new_empty(B, G, nb, D, dtype=torch.float32) for _ in range(3)]
+    if int8:
+        return (*stats, k_BGND.new_empty(B, G, N, D, dtype=torch.int8), k_BGND.new_empty(B, G, N, dtype=torch.float32))
+    return (*stats, k_BGND.new_empty(0, dtype=torch.int8), k_BGND.new_empty(0, dtype=torch.float32))
+
+
 def screen_queries(q_BHND: torch.Tensor, G: int, block_size: int, scale: float) -> torch.Tensor:
     """The query blocks' scaled means, ``[B, G, heads_per_group * nb, D]`` float32, rows ordered
     (head, block)."""
@@ -233,12 +276,12 @@ def screened_query_lists(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size:
     diagonal, slot 1 the sink; a score is the candidate's share of the candidates' sampled
     mass (0 for :data:`NO_BLOCK` slots), from int8 queries and keys with ``int8_estimate``."""
     H, G = q_BHND.shape[1], k_BGND.shape[1]
-    stats = key_block_stats(k_BGND, block_size, kv_valid_BN)
+    *stats, k8_BGND, k8_scale_BGN = key_stats(k_BGND, kv_valid_BN, block_size, int8_estimate)
     keys_BGQC = screen_ranking_keys(screen_queries(q_BHND, G, block_size, scale), *stats, width)
     cand_BGQW = top_candidates(keys_BGQC, width)
     k_scale_BGN = None
     if int8_estimate:
-        k_BGND, k_scale_BGN = quantize_int8(k_BGND)
+        k_BGND, k_scale_BGN = k8_BGND, k8_scale_BGN
     mass_BHQW = candidate_block_mass(q_BHND, k_BGND, k_scale_BGN, kv_valid_BN, cand_BGQW, block_size, stride,
                                      float(scale))
     mass_BHQW = mass_BHQW.nan_to_num(0.0)

@@ -26,7 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sa_compile.templates import _screened_triton, _strided_triton
+from sa_compile.templates import _screen_triton, _screened_triton, _strided_triton
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 N, NB, W = 32768, 256, 164
@@ -52,6 +52,11 @@ def specializations():
         yield (f"strided_mass padding={valid}", _strided_triton._strided_mass_kernel,
                {"Q": "*bf16", "K": "*bf16", "VALID": "*i64", "SCRATCH": "*fp32", "OUT": "*fp32"},
                dict(SHAPE, QBT=1, HAS_VALID=valid), 4, 3, 0)
+    for valid in (True, False):
+        yield (f"key_stats int8=True padding={valid}", _screen_triton._key_stats_kernel,
+               {"K": "*bf16", "VALID": "*i64", "MEAN": "*fp32", "MAX": "*fp32", "MIN": "*fp32", "K8": "*i8",
+                "KS": "*fp32"},
+               dict(BLOCK=128, D=128, DP=128, HAS_VALID=valid, INT8=True, LIMIT=127), 8, 3, 0)
     yield ("order_candidates", _screened_triton._order_candidates_kernel,
            {"SCORES": "*fp32", "BLOCKS": "*i64", "OUT": "*i64"}, dict(LIMIT=2.0**100, WP=256), 1, 3, 0)
 

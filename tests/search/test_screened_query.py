@@ -12,8 +12,8 @@ from sa_compile import SparseConfig
 from sa_compile.selection import blocks_per_row, keep_mask, select_candidate_lists
 from sa_compile.sparse_op import dense_causal_attention, search_blocks, select_kept_blocks, sparse_attention
 from sa_compile.templates.screened_query import (
-    NO_BLOCK, candidate_block_mass, candidate_block_mass_reference, candidate_blocks, key_block_stats,
-    ranking_keys, screen_queries, screen_ranking_keys, screen_ranking_keys_reference, screen_scores,
+    NO_BLOCK, candidate_block_mass, candidate_block_mass_reference, candidate_blocks, key_block_stats, key_stats,
+    key_stats_reference, ranking_keys, screen_queries, screen_ranking_keys, screen_ranking_keys_reference, screen_scores,
     screened_query_lists, top_candidates,
 )
 from sa_compile.templates._blocks import dequantize_int8, quantize_int8
@@ -273,6 +273,55 @@ def test_cuda_kernel_matches_the_reference(dtype, shape):
             got = candidate_block_mass(q, k_in, k_scale, valid, cand, block, stride, D**-0.5)
             expected = candidate_block_mass_reference(q, k_in, k_scale, valid, cand, block, stride, D**-0.5)
             torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("int8", [True, False])
+@pytest.mark.parametrize("padded", [False, True])
+def test_key_stats_op_returns_the_stats_and_int8_keys_eager_and_compiled(int8, padded):
+    """The op the search calls: the screen's block statistics and (with ``int8``) the int8 keys,
+    with the shapes its fake promises under dynamic shapes (odd lengths, a short last block)."""
+    run = torch.compile(key_stats, dynamic=True, fullgraph=True)
+    for N in (300, 517):
+        _, k, _ = attention_inputs(N, 1, 4, 2, N, 16, torch.float32)
+        valid = None
+        if padded:
+            valid = torch.ones(1, N, dtype=torch.long)
+            valid[:, :70] = 0  # left padding: the first block has no valid key
+        expected = (*key_block_stats(k, 64, valid), *(quantize_int8(k) if int8 else (torch.empty(0),) * 2))
+        for got in (key_stats(k, valid, 64, int8), run(k, valid, 64, int8)):
+            assert len(got) == 5
+            for a, b in zip(got, expected):
+                assert a.shape == b.shape and (a.numel() == 0 or a.dtype == b.dtype)
+                torch.testing.assert_close(a, b.to(a.dtype), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernel runs on CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 8, 4000, 128, 128), (2, 3, 1000, 64, 64), (1, 1, 700, 48, 32)])
+def test_cuda_key_stats_kernel_matches_the_reference(dtype, shape):
+    """One read of the keys for the screen's statistics and the int8 keys: the mean within float
+    rounding, max and min and the scales exact, the int8 keys within one step (a division
+    rounded differently) on a few keys at most."""
+    from sa_compile.templates._screen_triton import key_stats_cuda
+
+    B, G, N, D, block = shape
+    _, k, _ = attention_inputs(9, B, 2 * G, G, N, D, dtype, device="cuda")
+    k[0, 0, 5] = 0  # a zero key: scale 0
+    left = torch.ones(B, N, dtype=torch.long, device="cuda")
+    left[:, : N // 3] = 0  # left padding: whole blocks without a valid key
+    for valid in (None, left):
+        for int8 in (True, False):
+            got = key_stats_cuda(k, valid, block, int8)
+            expected = key_stats_reference(k, valid, block, int8)
+            for name, a, b in zip(("mean", "max", "min", "k8", "scale"), got, expected):
+                assert a.shape == b.shape and a.dtype == b.dtype, name
+            torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+            for a, b in zip(got[1:3], expected[1:3]):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+            if int8:
+                torch.testing.assert_close(got[4], expected[4], rtol=0, atol=0)
+                steps = (got[3].int() - expected[3].int()).abs()
+                assert steps.max() <= 1 and (steps > 0).float().mean() < 1e-3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernel runs on CUDA")
