@@ -279,9 +279,7 @@ def screened_query_lists(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size:
     *stats, k8_BGND, k8_scale_BGN = key_stats(k_BGND, kv_valid_BN, block_size, int8_estimate)
     keys_BGQC = screen_ranking_keys(screen_queries(q_BHND, G, block_size, scale), *stats, width)
     cand_BGQW = top_candidates(keys_BGQC, width)
-    k_scale_BGN = None
-    if int8_estimate:
-        k_BGND, k_scale_BGN = k8_BGND, k8_scale_BGN
+    k_BGND, k_scale_BGN = (k8_BGND, k8_scale_BGN) if int8_estimate else (k_BGND, None)
     mass_BHQW = candidate_block_mass(q_BHND, k_BGND, k_scale_BGN, kv_valid_BN, cand_BGQW, block_size, stride,
                                      float(scale))
     mass_BHQW = mass_BHQW.nan_to_num(0.0)
