@@ -183,7 +183,8 @@ def _key_stats_kernel(K, VALID, MEAN, MAX, MIN, K8, KS, skb, skh, skn, svb, N, G
     tl.store(MIN + stats, tl.min(tl.where(valid[:, None], k, 1e4), 0), mask=d < D)
     if INT8:
         x = tl.where(tl.abs(k) < float("inf"), k, 0.0)  # NaN and inf count as 0
-        scale = tl.max(tl.abs(x), 1) / LIMIT
+        # Rounded as torch divides (Triton's `/` is approximate): the same scales as the reference.
+        scale = tl.div_rn(tl.max(tl.abs(x), 1), tl.full([BLOCK], LIMIT, tl.float32))
         steps = tl.where(scale[:, None] > 0, x / scale[:, None], 0.0)
         rows = pid_bg.to(tl.int64) * N + t
         tl.store(K8 + rows[:, None] * D + d[None, :], tl.clamp(tl.floor(steps + 0.5), -LIMIT, LIMIT).to(tl.int8),
