@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._blocks import INT8_LIMIT
+from ._strided_triton import _round_to_int8
 
 # Rows per program (heads per group x query blocks), key blocks per tile, warps, stages. 64 rows
 # of float32 queries and their bound operand fill ~200 KB of shared memory with two stages; 128
@@ -185,10 +186,9 @@ def _key_stats_kernel(K, VALID, MEAN, MAX, MIN, K8, KS, skb, skh, skn, svb, N, G
         x = tl.where(tl.abs(k) < float("inf"), k, 0.0)  # NaN and inf count as 0
         # Rounded as torch divides (Triton's `/` is approximate): the same scales as the reference.
         scale = tl.div_rn(tl.max(tl.abs(x), 1), tl.full([BLOCK], LIMIT, tl.float32))
-        steps = tl.where(scale[:, None] > 0, x / scale[:, None], 0.0)
+        k8 = _round_to_int8(x, scale, LIMIT)
         rows = pid_bg.to(tl.int64) * N + t
-        tl.store(K8 + rows[:, None] * D + d[None, :], tl.clamp(tl.floor(steps + 0.5), -LIMIT, LIMIT).to(tl.int8),
-                 mask=in_range[:, None] & (d < D)[None, :])
+        tl.store(K8 + rows[:, None] * D + d[None, :], k8, mask=in_range[:, None] & (d < D)[None, :])
         tl.store(KS + rows, scale, mask=in_range)
 
 

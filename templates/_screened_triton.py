@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._blocks import INT8_LIMIT, pad_to_blocks
 from ._strided_triton import (
-    _SCRATCH_BYTES, _load_key_tile, _row_lse, _store_tile_lse, _visible_logits, launch_shape,
+    _SCRATCH_BYTES, _load_key_tile, _round_to_int8, _row_lse, _store_tile_lse, _visible_logits, launch_shape,
 )
 
 
@@ -101,8 +101,7 @@ def _candidate_mass_kernel(Q, K, KS, VALID, FULL, CAND, SCRATCH, OUT, sqb, sqh, 
         q = q.to(tl.float32) * scale2
         q = tl.where(tl.abs(q) < float("inf"), q, 0.0)  # NaN and inf count as 0, as in quantize_int8
         q_scale = tl.max(tl.abs(q), 1) / LIMIT
-        steps = tl.where(q_scale[:, None] > 0, q / q_scale[:, None], 0.0)
-        q = tl.clamp(tl.floor(steps + 0.5), -LIMIT, LIMIT).to(tl.int8)
+        q = _round_to_int8(q, q_scale, LIMIT)
     else:
         q = (q.to(tl.float32) * scale2).to(Q.dtype.element_ty)
         q_scale = scale2  # unread

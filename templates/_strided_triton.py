@@ -38,6 +38,14 @@ def _store_row_lse(ptr, s):
 
 
 @triton.jit
+def _round_to_int8(x, scale, LIMIT: tl.constexpr):
+    """The rows of ``x`` (finite) as int8 steps of their ``scale``, halves up, as
+    :func:`~._blocks.quantize_int8` rounds (a row of scale 0 is all zeros)."""
+    steps = tl.where(scale[:, None] > 0, x / scale[:, None], 0.0)
+    return tl.clamp(tl.floor(steps + 0.5), -LIMIT, LIMIT).to(tl.int8)
+
+
+@triton.jit
 def _load_key_tile(k_base, skn, keys, N, D: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr):
     """The ``[len(keys), DP]`` key tile at ``keys`` (zeros past ``D``; with ``CAUSAL``, a diagonal
     tile, also past the prompt's end ``N``)."""
