@@ -21,7 +21,7 @@ from .flex import causal_mask_mod, causal_valid_mask_mod, flex_attention_traced
 from .selection import (
     diagonal_only, keep_mask, select_block_lists, select_candidate_lists, select_head_block_lists, tapered_density,
 )
-from sa_compile.templates._blocks import num_blocks, pad_to_blocks
+from sa_compile.templates._blocks import all_valid_blocks, num_blocks
 from sa_compile.templates.screened_query import screened_query_lists
 
 
@@ -152,7 +152,7 @@ def split_by_valid_keys(order_BHQW, count_BHQ, block_size: int, kv_valid_BN):
     right only when the one block reaching past ``N`` (the last row's diagonal) comes last.
     """
     nb, W = order_BHQW.shape[-2:]
-    valid_BK = pad_to_blocks(kv_valid_BN != 0, block_size).view(kv_valid_BN.shape[0], nb, block_size).all(-1)
+    valid_BK = all_valid_blocks(kv_valid_BN, block_size)
     kept_BHQW = torch.arange(W, device=order_BHQW.device) < count_BHQ[..., None]
     diagonal_BHQW = order_BHQW == torch.arange(nb, device=order_BHQW.device, dtype=order_BHQW.dtype)[:, None]
     all_valid_BHQW = valid_BK[:, None, None, :].expand(-1, *order_BHQW.shape[1:3], -1).gather(-1, order_BHQW.long())

@@ -20,6 +20,12 @@ def pad_to_blocks(x: torch.Tensor, block_size: int, dim: int = -1) -> torch.Tens
     return F.pad(x, pad)
 
 
+def all_valid_blocks(kv_valid_BN: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Per key block, whether every key of it is valid (``kv_valid_BN`` nonzero): ``[B, nb]`` bool.
+    The positions past the prompt's end in the last block count as not valid."""
+    return pad_to_blocks(kv_valid_BN != 0, block_size).view(kv_valid_BN.shape[0], -1, block_size).all(-1)
+
+
 def block_means(x_BHND: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mean over each block of ``block_size`` rows (dim -2) in float32; the last block may be short."""
     N = x_BHND.shape[-2]

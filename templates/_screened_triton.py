@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._blocks import INT8_LIMIT, pad_to_blocks
+from ._blocks import INT8_LIMIT, all_valid_blocks
 from ._strided_triton import (
     _SCRATCH_BYTES, _load_key_tile, _round_to_int8, _row_lse, _store_tile_lse, _visible_logits, launch_shape,
 )
@@ -161,8 +161,7 @@ def candidate_block_mass_cuda(q_BHND: torch.Tensor, k_BGND: torch.Tensor, k_scal
     scratch = torch.empty(B * G * programs * W * HGP * RP, device=q_BHND.device, dtype=torch.float32)
     valid = kv_valid_BN.contiguous() if kv_valid_BN is not None else q_BHND  # unread without HAS_VALID
     # One flag per key block: all its keys valid (tiles of an all-ones mask skip the padding mask).
-    full = (pad_to_blocks(valid != 0, block_size).view(B, -1, block_size).all(-1).to(torch.int8)
-            if kv_valid_BN is not None else valid)
+    full = all_valid_blocks(kv_valid_BN, block_size).to(torch.int8) if kv_valid_BN is not None else valid
     int8 = k_scale_BGN is not None
     if num_stages is None:
         num_stages = 5 if int8 else 3
