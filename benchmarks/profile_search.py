@@ -51,7 +51,8 @@ def stages(config: SparseConfig, device):
             scores, search_density(config, scores.shape[-1], scores.device), config.search_head_budgets)
     else:  # the screened search: candidates and their scores, then a selection among them
         estimate = lambda q, k: screened_query_lists(  # noqa: E731
-            q, k, bs, config.query_stride, q.shape[-1] ** -0.5, width, int8_estimate=config.int8_estimate)
+            q, k, bs, config.query_stride, q.shape[-1] ** -0.5, width, int8_estimate=config.int8_estimate,
+            sampled_screen_means=config.sampled_screen_means)
         select = lambda scored: select_candidate_lists(  # noqa: E731
             *scored, scored[1].shape[-2], search_density(config, scored[1].shape[-2], scored[1].device))
 
@@ -83,7 +84,8 @@ def top_kernels(fn, device, count: int) -> list[dict]:
 def profiled_config(args) -> SparseConfig:
     return SparseConfig(density=args.density, block_size=args.block_size, min_seq_len=0, pattern=args.pattern,
                         taper_from=args.taper_from, query_stride=args.query_stride, candidates=args.candidates,
-                        int8_estimate=args.int8_estimate, search_head_budgets=args.search_head_budgets)
+                        int8_estimate=args.int8_estimate, sampled_screen_means=args.sampled_screen_means,
+                        search_head_budgets=args.search_head_budgets)
 
 
 def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[dict], list[dict]]:
@@ -113,12 +115,11 @@ def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[di
     lists = timed("block selection", lambda: fns["block selection"](scores))
     tensors = timed("BlockMask build", lambda: fns["BlockMask build"](lists, n))
     timed("search + BlockMask (fused)", lambda: fns["search + BlockMask (fused)"](q, k))
-    if config.int8_estimate and config.candidate_width() is not None:  # beside logits in the inputs' dtype
-        exact = stages(replace(config, int8_estimate=False), device)
-        timed("estimate, logits in the inputs' dtype", lambda: exact["estimate (all templates)"](q, k))
-        timed("search + BlockMask (fused), logits in the inputs' dtype",
-              lambda: exact["search + BlockMask (fused)"](q, k))
-        del exact
+    for spelling in args.beside:  # another config's search, on the same inputs
+        other = stages(replace(config, **common.parse_overrides(spelling.split(":"))), device)
+        timed(f"estimate, {spelling}", lambda: other["estimate (all templates)"](q, k))
+        timed(f"search + BlockMask (fused), {spelling}", lambda: other["search + BlockMask (fused)"](q, k))
+        del other
     mask = attention.as_block_mask(tensors, n, args.block_size)
     options = kernel_options_for(q)
     kernel = attention.flex_kernel(device, options)
@@ -155,13 +156,23 @@ def parse_args(argv=None):
     p.add_argument("--candidates", type=common.float_or_none, default=SparseConfig.candidates,
                    help="SparseConfig.candidates ('none': the strided sample scores every block)")
     p.add_argument("--int8-estimate", type=common.parse_bool, default=SparseConfig.int8_estimate,
-                   help="SparseConfig.int8_estimate (true: also times the estimate with logits in the inputs' dtype)")
+                   help="SparseConfig.int8_estimate")
+    p.add_argument("--sampled-screen-means", type=common.parse_bool, default=SparseConfig.sampled_screen_means,
+                   help="SparseConfig.sampled_screen_means")
+    p.add_argument("--beside", action="append", default=[], metavar="FIELD=VALUE[:FIELD=VALUE...]",
+                   help="also time the estimate and the fused search of the config with these fields changed "
+                        "(e.g. int8_estimate=false), on the same inputs; repeatable")
     p.add_argument("--block-size", type=int, help="sparse block size (CUDA: 128, CPU: 32)")
     p.add_argument("--search-head-budgets", action="store_true", help="profile SparseConfig.search_head_budgets")
     p.add_argument("--top", type=int, default=12, help="kernels listed per length")
     common.add_run_arguments(p, repeats=5, warmup=2)
     args = p.parse_args(argv)
     common.check_run_arguments(p, args)
+    for spelling in args.beside:
+        try:
+            common.parse_overrides(spelling.split(":"))
+        except ValueError as exc:
+            p.error(f"--beside: {exc}")
     return args, attention.resolve_shape(args)
 
 

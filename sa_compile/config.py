@@ -77,6 +77,10 @@ class SparseConfig:
             dense attention instead of 2.1%), 2.7% at 128K, and no faster at 32K; on real
             attention it changes a few kept blocks in a thousand and no measurable mass
             (docs/results.md). ``False`` computes them in the inputs' dtype.
+        sampled_screen_means: the screened search (``candidates``) takes each query block's mean,
+            which the screen scores against every key block, from the block's strided sample
+            only (the ``block_size / query_stride`` queries the candidates are scored with), so
+            the search reads ``1 / query_stride`` of the queries instead of all of them.
         search_head_budgets: share the layer's block budget between its heads by estimated
             mass per block of kernel work (a per-input search), instead of giving every
             head the same count. The layer computes no more blocks than with equal counts.
@@ -100,6 +104,7 @@ class SparseConfig:
     query_stride: int = 8
     candidates: float | None = 4.0
     int8_estimate: bool = True
+    sampled_screen_means: bool = False
     search_head_budgets: bool = False
     patterns: str | None = None
 
@@ -124,6 +129,8 @@ class SparseConfig:
                "candidates", self.candidates, "None or a number in [1, 64]")
         _check(isinstance(self.int8_estimate, bool),
                "int8_estimate", self.int8_estimate, "True or False")
+        _check(isinstance(self.sampled_screen_means, bool),
+               "sampled_screen_means", self.sampled_screen_means, "True or False")
         _check(isinstance(self.search_head_budgets, bool),
                "search_head_budgets", self.search_head_budgets, "True or False")
         if isinstance(self.patterns, os.PathLike):

@@ -69,7 +69,8 @@ def search_blocks(q_BHND, k_BGND, config: SparseConfig, scale: float, kv_valid_B
     width = config.candidate_width()
     if width is not None:
         scores_BHQW, blocks_BHQW = screened_query_lists(q_BHND, k_BGND, config.block_size, config.query_stride,
-                                                        scale, width, kv_valid_BN, config.int8_estimate)
+                                                        scale, width, kv_valid_BN, config.int8_estimate,
+                                                        config.sampled_screen_means)
         return select_candidate_lists(scores_BHQW, blocks_BHQW, nb, density)
     scores_BHQK = estimate_block_scores(q_BHND, k_BGND, config, scale, kv_valid_BN)
     return select_block_lists(scores_BHQK, density, config.search_head_budgets)

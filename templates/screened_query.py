@@ -96,11 +96,21 @@ def _(k_BGND, kv_valid_BN, block_size, int8):
     return (*stats, k_BGND.new_empty(0, dtype=torch.int8), k_BGND.new_empty(0, dtype=torch.float32))
 
 
-def screen_queries(q_BHND: torch.Tensor, G: int, block_size: int, scale: float) -> torch.Tensor:
+def screen_queries(q_BHND: torch.Tensor, G: int, block_size: int, scale: float,
+                   stride: int | None = None) -> torch.Tensor:
     """The query blocks' scaled means, ``[B, G, heads_per_group * nb, D]`` float32, rows ordered
-    (head, block)."""
+    (head, block). With ``stride`` each block's mean is over its strided sample only (the
+    queries the candidate kernel scores, :func:`~.strided_query.sample_positions`): it reads
+    ``1 / stride`` of the queries. A short last block's samples past the prompt's end stand for
+    its last query."""
     B, H, N, D = q_BHND.shape
-    return block_means(q_BHND, block_size).reshape(B, G, (H // G) * num_blocks(N, block_size), D) * scale
+    nb = num_blocks(N, block_size)
+    if stride is None:
+        means_BHKD = block_means(q_BHND, block_size)
+    else:
+        pos_KR = sample_positions(nb, block_size, stride, q_BHND.device).clamp(max=N - 1)
+        means_BHKD = q_BHND[:, :, pos_KR.flatten()].float().unflatten(-2, pos_KR.shape).mean(-2)
+    return means_BHKD.reshape(B, G, (H // G) * nb, D) * scale
 
 
 def _screen_from_stats(q_BGXD, mean_BGKD, max_BGKD, min_BGKD) -> torch.Tensor:
@@ -271,13 +281,17 @@ def _(q_BHND, k_BGND, k_scale_BGN, kv_valid_BN, cand_BGQW, block_size, stride, s
 
 
 def screened_query_lists(q_BHND: torch.Tensor, k_BGND: torch.Tensor, block_size: int, stride: int, scale: float,
-                         width: int, kv_valid_BN=None, int8_estimate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                         width: int, kv_valid_BN=None, int8_estimate: bool = True,
+                         sampled_screen_means: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's candidates and their scores: ``(scores_BHQW, blocks_BHQW)``, slot 0 the
     diagonal, slot 1 the sink; a score is the candidate's share of the candidates' sampled
-    mass (0 for :data:`NO_BLOCK` slots), from int8 queries and keys with ``int8_estimate``."""
+    mass (0 for :data:`NO_BLOCK` slots), from int8 queries and keys with ``int8_estimate``.
+    With ``sampled_screen_means`` the screen's query-block means come from the strided sample
+    only (:func:`screen_queries`)."""
     H, G = q_BHND.shape[1], k_BGND.shape[1]
     *stats, k8_BGND, k8_scale_BGN = key_stats(k_BGND, kv_valid_BN, block_size, int8_estimate)
-    keys_BGQC = screen_ranking_keys(screen_queries(q_BHND, G, block_size, scale), *stats, width)
+    q_BGXD = screen_queries(q_BHND, G, block_size, scale, stride if sampled_screen_means else None)
+    keys_BGQC = screen_ranking_keys(q_BGXD, *stats, width)
     cand_BGQW = top_candidates(keys_BGQC, width)
     k_BGND, k_scale_BGN = (k8_BGND, k8_scale_BGN) if int8_estimate else (k_BGND, None)
     mass_BHQW = candidate_block_mass(q_BHND, k_BGND, k_scale_BGN, kv_valid_BN, cand_BGQW, block_size, stride,

