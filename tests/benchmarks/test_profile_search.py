@@ -22,15 +22,17 @@ def test_queued_timing_is_per_call():
 def profile(tmp_path_factory):
     out = tmp_path_factory.mktemp("profile")
     profile_search.main(["--device", "cpu", "--lengths", "512", "--taper-from", "256", "--repeats", "3",
-                         "--warmup", "0", "--top", "30", "--warm-caches", "--out", str(out)])
+                         "--warmup", "0", "--top", "30", "--warm-caches", "--beside", "int8_estimate=false",
+                         "--out", str(out)])
     return json.loads((out / "profile_search.json").read_text())
 
 
 def test_every_stage_is_timed_against_dense_both_ways(profile):
+    """The default's stages, then the search of the config --beside changes, on the same inputs."""
     stages = [row["stage"] for row in profile["stages"]]
     assert stages[0].startswith("sdpa") and stages[1:] == [
         "estimate (all templates)", "block selection", "BlockMask build", "search + BlockMask (fused)",
-        "estimate, logits in the inputs' dtype", "search + BlockMask (fused), logits in the inputs' dtype",
+        "estimate, int8_estimate=false", "search + BlockMask (fused), int8_estimate=false",
         "FlexAttention kernel", "sparse_attention (fused)"]
     dense = profile["stages"][0]
     for row in profile["stages"]:
