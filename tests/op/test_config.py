@@ -37,8 +37,7 @@ def test_defaults_and_description():
     assert cfg.describe() == {
         "density": 0.3, "block_size": 128, "min_seq_len": 16384, "taper_from": 32768, "last_q": 64,
         "pattern": "strided_query", "query_stride": 8, "candidates": 4.0, "int8_estimate": True,
-        "search_head_budgets": False,
-        "patterns": None,
+        "sampled_screen_means": False, "search_head_budgets": False, "patterns": None,
     }
     assert SparseConfig(pattern=PatternKind.VERTICAL_SLASH).describe()["pattern"] == "vertical_slash"
     odd = SparseConfig(density=0.3, block_size=32, min_seq_len=7, taper_from=None, last_q=9,
