@@ -66,7 +66,8 @@
 #            and the kernel options' CUDA tests. About 25 minutes: three calls.
 # SYSTEMS overrides the systems of `speed` (compiled ones, beside eager), `scale` and `generate` (all of them),
 # CONFIGS the fidelity configs of `quality`; scale4 and int8 take LENGTHS, EAGER_UP_TO and PROFILE_LENGTHS,
-# and TESTS=0 skips their tests; order takes PROFILE_LENGTHS and TESTS=0.
+# and TESTS=0 skips their tests; order takes PROFILE_LENGTHS and TESTS=0; sampled takes SYSTEMS (its TTFT),
+# PROFILE_LENGTHS, LENGTHS (its fidelity) and TESTS=0.
 set -u
 PLAN=${1:?usage: h200_measure.sh speed|quality|scale|generate|screen|check|final|wider|adopt|scale4|int8|order|sampled}
 R=/tmp/res
