@@ -81,7 +81,7 @@ class SparseConfig:
             which the screen scores against every key block, from the block's strided sample
             only (the ``block_size / query_stride`` queries the candidates are scored with), so
             the search reads ``1 / query_stride`` of the queries instead of all of them. On
-            real attention (CPU) it kept the same mass to 1e-5 at 32K and 64K; off until a GPU
+            real attention (CPU) it kept the same mass to 1e-5 at 32K-128K; off until a GPU
             run times it and measures its quality (docs/results.md).
         search_head_budgets: share the layer's block budget between its heads by estimated
             mass per block of kernel work (a per-input search), instead of giving every
