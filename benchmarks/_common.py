@@ -110,6 +110,7 @@ def parse_bool(text: str) -> bool:
 
 _OVERRIDES = {"pattern": str, "query_stride": int, "taper_from": int_or_none, "candidates": float_or_none,
               "int8_estimate": parse_bool, "sampled_screen_means": parse_bool}
+SELECTION_FIELDS = tuple(_OVERRIDES)  # the SparseConfig fields a selection may set beside its density
 SELECTION_HELP = ("a selection is DENSITY[:field=value...], fields " + ", ".join(_OVERRIDES)
                   + " (e.g. 0.3, 0.2:query_stride=16:taper_from=none, 0.1:pattern=block_query)")
 

@@ -155,9 +155,8 @@ def parse_configs(text: str) -> list[tuple[PatternKind | str, float, dict]]:
 
 def spec_of(cfg: SparseConfig, args) -> tuple:
     """``cfg`` as ``parse_configs`` spells it, its overrides relative to the command line's."""
-    overrides = {field: getattr(cfg, field) for field in ("query_stride", "taper_from", "candidates", "int8_estimate",
-                                                          "sampled_screen_means")
-                 if getattr(cfg, field) != getattr(args, field, getattr(SparseConfig, field))}
+    overrides = {field: getattr(cfg, field) for field in common.SELECTION_FIELDS if field != "pattern"
+                 and getattr(cfg, field) != getattr(args, field, getattr(SparseConfig, field))}
     return cfg.pattern, cfg.density, overrides
 
 

@@ -115,8 +115,8 @@ def profile_length(n: int, args, shape: dict, device, progress) -> tuple[list[di
     lists = timed("block selection", lambda: fns["block selection"](scores))
     tensors = timed("BlockMask build", lambda: fns["BlockMask build"](lists, n))
     timed("search + BlockMask (fused)", lambda: fns["search + BlockMask (fused)"](q, k))
-    for spelling in args.beside:  # another config's search, on the same inputs
-        other = stages(replace(config, **common.parse_overrides(spelling.split(":"))), device)
+    for spelling, overrides in args.beside:  # another config's search, on the same inputs
+        other = stages(replace(config, **overrides), device)
         timed(f"estimate, {spelling}", lambda: other["estimate (all templates)"](q, k))
         timed(f"search + BlockMask (fused), {spelling}", lambda: other["search + BlockMask (fused)"](q, k))
         del other
@@ -168,11 +168,10 @@ def parse_args(argv=None):
     common.add_run_arguments(p, repeats=5, warmup=2)
     args = p.parse_args(argv)
     common.check_run_arguments(p, args)
-    for spelling in args.beside:
-        try:
-            common.parse_overrides(spelling.split(":"))
-        except ValueError as exc:
-            p.error(f"--beside: {exc}")
+    try:  # each as (its spelling, the fields it changes)
+        args.beside = [(spelling, common.parse_overrides(spelling.split(":"))) for spelling in args.beside]
+    except ValueError as exc:
+        p.error(f"--beside: {exc}")
     return args, attention.resolve_shape(args)
 
 
